@@ -1,0 +1,162 @@
+"""`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`.
+
+A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
+`DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
+the recipe. An optional `quick:` block holds the overrides that `--quick` applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import DistillationConfig
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "rotten_tomatoes.yaml"
+
+
+@dataclass
+class ModelArguments:
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Teacher: a Hub id or local folder. Known Hub ids fall back to installed offline copies."}
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An existing student (Hub id or folder). Else see student_layers."}
+    )
+    student_layers: str | None = field(
+        default=None,
+        metadata={"help": "Make the student from these teacher layers (1-based JSON list, e.g. [1,3,5])."},
+    )
+    teacher_finetune_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "If > 0, first fine-tune the teacher on the training split for this many epochs "
+            "(cached under cache_dir, reused by later runs with the same settings)."
+        },
+    )
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the teacher fine-tune."})
+    cache_dir: str = field(default="~/.cache/hf_kd", metadata={"help": "Where fine-tuned teachers are cached."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        metadata={"help": "datasets.load_dataset path: a Hub id, a local folder or a csv/json/parquet file."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default="test", metadata={"help": "Held-out split for the final evaluation."})
+    text_column: str = field(default="text", metadata={"help": "Column with the input text."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
+    label_column: str = field(default="label", metadata={"help": "Column with the class label."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out rows."})
+
+
+@dataclass
+class RunArguments:
+    baseline: bool = field(
+        default=False,
+        metadata={"help": "Also train the same student from the same start on labels alone, for comparison."},
+    )
+    report: bool = field(default=False, metadata={"help": "Write report.md / report.png with latency and sizes."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
+    )
+
+
+PARSER_TYPES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
+
+
+def _argv_from_recipe(recipe: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """Turn recipe values into command-line words so that the command line can override them."""
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        action = parser._option_string_actions[f"--{key}"]
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, (list, dict)):
+            argv.append(json.dumps(value))
+        elif isinstance(value, bool):
+            argv.append(str(value).lower())
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def load_recipe(path: str | Path, quick: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"hf-kd: recipe {path} does not exist. Pass --config recipes/NAME.yaml.")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise SystemExit(f"hf-kd: recipe {path} must be a mapping of field: value.")
+    quick_block = recipe.pop("quick", None) or {}
+    if quick:
+        recipe.update(quick_block)
+    return recipe
+
+
+def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> None:
+    valid = {a.dest for a in parser._actions if a.dest != "help"}
+    unknown = [k for k in recipe if k not in valid]
+    if unknown:
+        lines = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, valid, n=1)
+            lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        raise SystemExit(f"hf-kd: unknown key in {source}: {', '.join(lines)}. Run `hf-kd distill --help` for fields.")
+
+
+def parse_distill_args(argv: list[str]):
+    """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--quick", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(PARSER_TYPES, prog="hf-kd distill")
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        raise SystemExit(0)
+    config = known.config or DEFAULT_RECIPE
+    recipe = load_recipe(config, quick=known.quick)
+    check_keys(recipe, parser, str(config))
+    words = _argv_from_recipe(recipe, parser) + rest
+    try:
+        return parser.parse_args_into_dataclasses(args=words)
+    except ValueError as err:
+        raise SystemExit(f"hf-kd: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"distill": "distil a teacher into a student from a YAML recipe (default: the Rotten Tomatoes demo)"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: hf-kd COMMAND [options]\n\ncommands:")
+        for name, text in commands.items():
+            print(f"  {name:10s} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhf-kd: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "distill":
+        from .pipeline import run_distill
+
+        run_distill(*parse_distill_args(rest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""`hf-kd distill`: load, (fine-tune the teacher), make the student, distil, evaluate, save, report.
+
+Reads top to bottom like accelerate's examples: parse (cli.py), load, prepare, train, save.
+Text classification for now; the data and model loading is the plain `load_dataset` /
+`from_pretrained` path, fed local stand-ins by `hf_kd.offline` when the Hub is out of reach.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import ClassLabel, load_dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from . import __version__
+from .config import DistillationConfig
+from .metrics import load_metric
+from .offline import resolve_dataset, resolve_model
+from .student import student_from_teacher
+from .trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+    print(f"[hf-kd] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------- data
+def load_splits(data_args, tokenizer):
+    """Tokenized train and held-out splits with a `labels` column, and the label names."""
+    kwargs = resolve_dataset(data_args.dataset_name)
+    if data_args.dataset_config_name:
+        kwargs["name"] = data_args.dataset_config_name
+    raw = load_dataset(**kwargs)
+    splits = {"train": data_args.train_split, "eval": data_args.eval_split}
+    for role, split in splits.items():
+        if split is not None and split not in raw:
+            raise SystemExit(
+                f"hf-kd: the dataset has no split {split!r} (it has {sorted(raw)}); set {role}_split to one of them."
+            )
+    train = raw[data_args.train_split]
+    for column in (data_args.text_column, data_args.label_column, data_args.text_pair_column):
+        if column is not None and column not in train.column_names:
+            raise SystemExit(
+                f"hf-kd: the dataset has no column {column!r} (it has {train.column_names}); set text_column / "
+                "label_column to the right names."
+            )
+    feature = train.features[data_args.label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        to_id = None
+    else:
+        names = [str(v) for v in sorted(set(train[data_args.label_column]))]
+        to_id = {v: i for i, v in enumerate(sorted(set(train[data_args.label_column])))}
+
+    def prepare(ds, limit):
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        if len(ds) == 0:
+            raise SystemExit("hf-kd: a split is empty after slicing; raise max_train_samples / max_eval_samples.")
+
+        def tokenize(batch):
+            texts = [batch[data_args.text_column]]
+            if data_args.text_pair_column:
+                texts.append(batch[data_args.text_pair_column])
+            enc = tokenizer(*texts, truncation=True, max_length=data_args.max_length)
+            labels = batch[data_args.label_column]
+            enc["labels"] = [to_id[v] for v in labels] if to_id else labels
+            return enc
+
+        return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+    train = prepare(train, data_args.max_train_samples)
+    held_out = prepare(raw[data_args.eval_split], data_args.max_eval_samples) if data_args.eval_split else None
+    return train, held_out, names
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def accuracy(model, dataset, collator, batch_size=64) -> float:
+    """Accuracy of `model` on `dataset`, through the `evaluate` metric interface."""
+    metric = load_metric("accuracy")
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        metric.add_batch(predictions=logits.argmax(-1).cpu(), references=labels)
+    return float(metric.compute()["accuracy"])
+
+
+def _plain_args(config: DistillationConfig, output_dir: str, **changes) -> TrainingArguments:
+    """The run's TrainingArguments (no distillation fields) for the teacher fine-tune and the baseline."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    values = {n: getattr(config, n) for n in names}
+    values.update(output_dir=output_dir, **changes)
+    return TrainingArguments(**values)
+
+
+# ---------------------------------------------------------------------------- teacher
+def prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator):
+    """The teacher folder: the given one, or a fine-tuned copy cached by its settings."""
+    source = resolve_model(model_args.teacher_model_name_or_path)
+    if model_args.teacher_finetune_epochs <= 0:
+        return source, None
+    key = {
+        "teacher": model_args.teacher_model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "split": data_args.train_split,
+        "rows": len(train),
+        "labels": names,
+        "epochs": model_args.teacher_finetune_epochs,
+        "lr": model_args.teacher_learning_rate,
+        "max_length": data_args.max_length,
+        "batch": config.per_device_train_batch_size,
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.path.expanduser(model_args.cache_dir)) / "teachers" / digest
+    if (cache / "config.json").is_file():
+        say(f"teacher: reusing the fine-tuned teacher cached in {cache}")
+        return str(cache), None
+    say(f"teacher: fine-tuning {model_args.teacher_model_name_or_path} for {model_args.teacher_finetune_epochs} epochs")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=cache.parent))
+    try:
+        args = _plain_args(
+            config,
+            str(work / "run"),
+            num_train_epochs=model_args.teacher_finetune_epochs,
+            max_steps=-1,
+            learning_rate=model_args.teacher_learning_rate,
+            save_strategy="no",
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            report_to=[],
+            push_to_hub=False,
+        )
+        start = time.perf_counter()
+        Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()
+        seconds = time.perf_counter() - start
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        (work / "model" / "hf_kd_teacher.json").write_text(json.dumps({**key, "train_seconds": seconds}, indent=1))
+        os.replace(work / "model", cache)  # atomic: a cache entry is complete or absent
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(cache), seconds
+
+
+# ---------------------------------------------------------------------------- the run
+def check_output_dir(config, run_args) -> None:
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()) and not (run_args.overwrite_output_dir or config.resume_from_checkpoint):
+        raise SystemExit(
+            f"hf-kd: output_dir {out} already holds a run. Pick a new output_dir, pass --overwrite_output_dir true "
+            "to replace it, or --resume_from_checkpoint to continue it."
+        )
+
+
+def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> dict:
+    check_output_dir(config, run_args)
+    torch.manual_seed(config.seed)
+    teacher_source = resolve_model(model_args.teacher_model_name_or_path)
+    say(f"loading tokenizer and data ({data_args.dataset_name})")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_source)
+    train, held_out, names = load_splits(data_args, tokenizer)
+    say(f"data: {len(train)} training rows, {len(held_out) if held_out else 0} held-out rows, labels {names}")
+    collator = DataCollatorWithPadding(tokenizer)
+
+    teacher_dir, teacher_seconds = prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    if model_args.student_model_name_or_path:
+        student = AutoModelForSequenceClassification.from_pretrained(resolve_model(model_args.student_model_name_or_path))
+        student_init = model_args.student_model_name_or_path
+    elif model_args.student_layers:
+        layers = json.loads(model_args.student_layers)
+        student = student_from_teacher(teacher, layers)
+        student_init = f"teacher layers {layers}"
+    else:
+        raise SystemExit("hf-kd: give student_model_name_or_path or student_layers (e.g. [1,3,5]).")
+    baseline_init = copy.deepcopy(student) if run_args.baseline else None
+    say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        eval_dataset=held_out if config.eval_strategy != "no" else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    say("distilling")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    kd_seconds = time.perf_counter() - start
+    trainer.save_model(config.output_dir)
+    results = {
+        "hf_kd_version": __version__,
+        "teacher": model_args.teacher_model_name_or_path,
+        "student_init": student_init,
+        "train_rows": len(train),
+        "distilled": {"train_seconds": kd_seconds},
+        "teacher_model": {"path": teacher_dir, "train_seconds": teacher_seconds},
+    }
+    models = {"teacher": (teacher, teacher_dir), "distilled": (student, config.output_dir)}
+
+    if baseline_init is not None:
+        say("baseline: the same student, same start and steps, on labels alone")
+        base_dir = os.path.join(config.output_dir, "baseline")
+        base_args = _plain_args(config, base_dir, report_to=[], push_to_hub=False, eval_strategy="no",
+                                save_strategy="no", load_best_model_at_end=False)
+        base_trainer = Trainer(model=baseline_init, args=base_args, train_dataset=train, data_collator=collator,
+                               processing_class=tokenizer)
+        start = time.perf_counter()
+        base_trainer.train()
+        results["baseline"] = {"train_seconds": time.perf_counter() - start}
+        base_trainer.save_model(base_dir)
+        models["baseline"] = (baseline_init, base_dir)
+
+    if held_out is not None:
+        say(f"evaluating on {len(held_out)} held-out rows")
+        for name, (model, _) in models.items():
+            results.setdefault(name if name != "teacher" else "teacher_model", {})["accuracy"] = accuracy(
+                model, held_out, collator
+            )
+    if run_args.report and held_out is not None:
+        results["report"] = _report(models, results, held_out, collator, trainer, config, model_args, data_args)
+    if trainer.is_world_process_zero():
+        Path(config.output_dir, "results.json").write_text(json.dumps(results, indent=1, default=str))
+    for name in ("teacher_model", "distilled", "baseline"):
+        if "accuracy" in results.get(name, {}):
+            say(f"{name:>13s} accuracy: {results[name]['accuracy']:.4f}")
+    say(f"student saved to {config.output_dir}")
+    return results
+
+
+def _report(models, results, held_out, collator, trainer, config, model_args, data_args) -> dict:
+    from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
+
+    say("measuring CPU latency at batch 1 and 32 (median of repeated runs)")
+    batches = {n: collator([held_out[i] for i in range(min(n, len(held_out)))]) for n in (1, 32)}
+    rows = []
+    for name, (model, folder) in models.items():
+        model = model.to("cpu").eval()
+        inputs = {n: {k: v for k, v in b.items() if k != "labels"} for n, b in batches.items()}
+        key = name if name != "teacher" else "teacher_model"
+        rows.append(
+            ModelResult(
+                name=name,
+                accuracy=results[key]["accuracy"],
+                parameters=count_parameters(model),
+                size_mb=size_on_disk_mb(folder),
+                latency_b1_ms=measure_latency_ms(model, inputs[1], repeats=30),
+                latency_b32_ms=measure_latency_ms(model, inputs[32], repeats=10),
+                train_seconds=results[key].get("train_seconds"),
+            )
+        )
+    settings = {
+        "teacher": model_args.teacher_model_name_or_path,
+        "student": results["student_init"],
+        "dataset": data_args.dataset_name,
+        "train rows": results["train_rows"],
+        "max_length": data_args.max_length,
+        "epochs": config.num_train_epochs,
+        "learning_rate": config.learning_rate,
+        "kd_loss": config.kd_loss,
+        "temperature": config.temperature,
+        "alpha": config.alpha,
+        "hidden_weight": config.hidden_weight,
+        "attention_weight": config.attention_weight,
+        "layer_map": json.dumps(config.layer_map) if not isinstance(config.layer_map, str) else config.layer_map,
+        "threads": torch.get_num_threads(),
+    }
+    paths = write_report(config.output_dir, rows, trainer.state.log_history, settings)
+    print(format_console(rows), flush=True)
+    say(f"report: {paths}")
+    return {"paths": {k: str(v) for k, v in paths.items()}, "models": [dataclasses.asdict(r) for r in rows]}
