@@ -1,8 +1,18 @@
 """hf_kd: knowledge distillation for Hugging Face Transformers."""
 
 from .config import DistillationConfig
+from .hub import CardInfo, PushError, push_student, read_provenance, weights_sha256
 from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationConfig", "DistillationTrainer", "__version__"]
+__all__ = [
+    "DistillationConfig",
+    "DistillationTrainer",
+    "CardInfo",
+    "PushError",
+    "push_student",
+    "read_provenance",
+    "weights_sha256",
+    "__version__",
+]

@@ -1,4 +1,5 @@
-"""`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`.
+"""`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`, and
+`hf-kd push --model DIR --repo_id NAME` to publish a saved student (see `hf_kd.hub`).
 
 A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
 `DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
@@ -42,6 +43,10 @@ class ModelArguments:
         },
     )
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the teacher fine-tune."})
+    teacher_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the teacher fine-tune, apart from `seed` so that student seeds share one teacher."},
+    )
     cache_dir: str = field(default="~/.cache/hf_kd", metadata={"help": "Where fine-tuned teachers are cached."})
 
 
@@ -56,6 +61,10 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column with the input text."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Column with the class label."})
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "Names of integer labels 0..N-1 as a JSON list, e.g. [negative, positive] in YAML."},
+    )
     max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out rows."})
@@ -139,9 +148,48 @@ def parse_distill_args(argv: list[str]):
         raise SystemExit(f"hf-kd: {err}") from None
 
 
+def parse_push_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hf-kd push",
+        description="Publish a student saved by hf-kd distill (or DistillationTrainer.save_model) to the Hugging "
+        "Face Hub: config, safetensors weights, tokenizer, model card and provenance; no pickles, projection heads "
+        "or checkpoints. The folder is never modified.",
+    )
+    parser.add_argument("--model", required=True, help="The saved student folder (the run's output_dir).")
+    parser.add_argument("--repo_id", required=True, help="The Hub repo to create or update: NAME or ORG/NAME.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (no effect if it exists).")
+    parser.add_argument("--token", default=None, help="A Hub token with write access (default: your login / HF_TOKEN).")
+    parser.add_argument("--revision", default=None, help="Branch to commit to (default: main).")
+    parser.add_argument("--commit_message", default="Upload a student distilled with hf_kd")
+    parser.add_argument("--dry_run", action="store_true", help="List what would be published; do not contact the Hub.")
+    return parser.parse_args(argv)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .hub import CARD_NAME, PushError, check_student_folder, push_student
+
+    try:
+        if args.dry_run:
+            names = check_student_folder(args.model)
+            if CARD_NAME not in names:
+                names.append(f"{CARD_NAME} (rendered from the provenance)")
+            print(f"[hf-kd] would push to {args.repo_id}:\n  " + "\n  ".join(names), flush=True)
+            return
+        info = push_student(
+            args.model, args.repo_id, token=args.token, private=args.private or None, revision=args.revision,
+            commit_message=args.commit_message,
+        )
+    except PushError as err:
+        raise SystemExit(f"hf-kd push: {err}") from None
+    print(f"[hf-kd] pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"distill": "distil a teacher into a student from a YAML recipe (default: the Rotten Tomatoes demo)"}
+    commands = {
+        "distill": "distil a teacher into a student from a YAML recipe (default: the Rotten Tomatoes demo)",
+        "push": "publish a saved student to the Hugging Face Hub (hf-kd push --model DIR --repo_id NAME)",
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: hf-kd COMMAND [options]\n\ncommands:")
         for name, text in commands.items():
@@ -152,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "distill":
+        from .hub import PushError
         from .pipeline import run_distill
 
-        run_distill(*parse_distill_args(rest))
+        try:
+            run_distill(*parse_distill_args(rest))
+        except PushError as err:  # --push_to_hub without a reachable Hub: a message, not a traceback
+            raise SystemExit(f"hf-kd: {err}") from None
+    elif command == "push":
+        run_push(parse_push_args(rest))
     return 0
 
 

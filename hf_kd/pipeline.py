@@ -30,6 +30,7 @@ from transformers import (
 
 from . import __version__
 from .config import DistillationConfig
+from .hub import CardInfo
 from .metrics import load_metric
 from .offline import resolve_dataset, resolve_model
 from .student import student_from_teacher
@@ -66,9 +67,19 @@ def load_splits(data_args, tokenizer):
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_id = None
+    elif data_args.class_names:
+        names = list(json.loads(data_args.class_names))
+        found = set(train[data_args.label_column])
+        if not found <= set(range(len(names))):
+            raise SystemExit(
+                f"hf-kd: class_names has {len(names)} names but the labels are {sorted(found)[:10]}; "
+                "class_names must name the integer labels 0..N-1 in order."
+            )
+        to_id = None
     else:
-        names = [str(v) for v in sorted(set(train[data_args.label_column]))]
-        to_id = {v: i for i, v in enumerate(sorted(set(train[data_args.label_column])))}
+        values = sorted(set(train[data_args.label_column]))
+        names = [str(v) for v in values]
+        to_id = {v: i for i, v in enumerate(values)}
 
     def prepare(ds, limit):
         if limit is not None:
@@ -107,6 +118,13 @@ def accuracy(model, dataset, collator, batch_size=64) -> float:
     return float(metric.compute()["accuracy"])
 
 
+def _accuracy(prediction) -> dict:
+    """`compute_metrics` for Trainer.evaluate (the numbers the model card reports)."""
+    return load_metric("accuracy").compute(
+        predictions=prediction.predictions.argmax(-1), references=prediction.label_ids
+    )
+
+
 def _plain_args(config: DistillationConfig, output_dir: str, **changes) -> TrainingArguments:
     """The run's TrainingArguments (no distillation fields) for the teacher fine-tune and the baseline."""
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -131,7 +149,7 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
         "lr": model_args.teacher_learning_rate,
         "max_length": data_args.max_length,
         "batch": config.per_device_train_batch_size,
-        "seed": config.seed,
+        "seed": model_args.teacher_seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(model_args.cache_dir)) / "teachers" / digest
@@ -139,6 +157,7 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
         say(f"teacher: reusing the fine-tuned teacher cached in {cache}")
         return str(cache), None
     say(f"teacher: fine-tuning {model_args.teacher_model_name_or_path} for {model_args.teacher_finetune_epochs} epochs")
+    torch.manual_seed(model_args.teacher_seed)  # the new classification head
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
     )
@@ -156,6 +175,8 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
             load_best_model_at_end=False,
             report_to=[],
             push_to_hub=False,
+            seed=model_args.teacher_seed,
+            data_seed=None,
         )
         start = time.perf_counter()
         Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()
@@ -208,10 +229,12 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         teacher_model=teacher,
         args=config,
         train_dataset=train,
-        eval_dataset=held_out if config.eval_strategy != "no" else None,
+        eval_dataset=held_out,
         data_collator=collator,
         processing_class=tokenizer,
+        compute_metrics=_accuracy,
     )
+    trainer.card_info = CardInfo.from_cli_args(model_args, data_args, run_args, student_init=student_init)
     say("distilling")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

@@ -7,13 +7,16 @@ pure functions of `hf_kd.losses`.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
+from . import hub
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -113,6 +116,11 @@ class DistillationTrainer(Trainer):
         self._component_sums: dict[str, torch.Tensor] = {}
         self._last_logged_step = 0
         self._projections_in_optimizer = False
+        # Publishing (hf_kd.hub): the teacher as named by the caller, evaluations for the card, cached facts.
+        self._teacher_source = str(teacher_model) if isinstance(teacher_model, (str, os.PathLike)) else None
+        self._evaluating_teacher = False
+        self._evaluations: dict[str, tuple[int, str, dict]] = {}
+        self._card_cache: dict = {}
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -413,3 +421,337 @@ class DistillationTrainer(Trainer):
             self._component_sums = {}
             self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ publishing (see hf_kd.hub)
+    #: What the trainer cannot know about the run (command, dataset, split, student initialisation...),
+    #: for the model card and the provenance record: set ``trainer.card_info = hf_kd.CardInfo(...)``.
+    card_info: hub.CardInfo | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and self.eval_dataset is not None and not isinstance(self.eval_dataset, dict):
+            # Results on the trainer's own evaluation split are the ones the model card reports.
+            role = "teacher" if self._evaluating_teacher else "student"
+            self._evaluations[role] = (self.state.global_step, metric_key_prefix, dict(metrics))
+        return metrics
+
+    def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "teacher_eval"):
+        """The teacher's metrics through the student's evaluation loop: same data, collator, batches, `compute_metrics`.
+
+        Returns `evaluate`'s dict with keys ``teacher_eval_*``; they are logged like the student's.
+        """
+        self._evaluating_teacher = True
+        try:
+            return self.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating_teacher = False
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._evaluating_teacher:
+            model = self.teacher
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # every save, checkpoints too: what made these weights
+            hub.write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._provenance())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (config, safetensors, tokenizer) with its provenance, and, when called by the user
+        (not for a checkpoint), its model card.
+
+        For the card, the student and the teacher are evaluated on ``eval_dataset`` unless that was done
+        at this step already, and both are timed on one evaluation batch (see `hf_kd.hub.CardInfo`).
+        With ``push_to_hub`` the folder is then pushed, as Trainer does. Call it on every process, as Trainer
+        asks (evaluation is collective); only the main process writes.
+        """
+        super().save_model(output_dir, _internal_call=True)
+        if _internal_call:
+            return
+        self._evaluate_for_card()
+        if self.args.should_save:
+            self._write_card(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Write hf_kd's model card (README.md) and provenance into ``output_dir`` (default ``args.output_dir``).
+
+        Trainer's arguments override `card_info` (``finetuned_from`` is the ``base_model``); ``tasks``,
+        ``dataset_tags`` and ``dataset_args`` are not used: the task comes from the model. Uses the
+        evaluations already run (see `save_model`), so it may be called on the main process alone.
+        """
+        if not self.is_world_process_zero():
+            return
+        if isinstance(dataset, (list, tuple)):
+            dataset = dataset[0] if dataset else None
+        if isinstance(tags, str):
+            tags = [tags]
+        self._write_card(
+            output_dir if output_dir is not None else self.args.output_dir,
+            language=language, license=license, tags=tags, model_name=model_name, base_model=finetuned_from,
+            dataset=dataset,
+        )
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs):
+        """Publish the student alone to ``args.hub_model_id``: save it with its provenance and card first, then
+        upload `hf_kd.hub.publishable_files` (no pickles, no projection heads, no checkpoints) in one commit.
+
+        When the Hub cannot be reached this raises `hf_kd.hub.PushError`; the saved folder stays complete
+        and ``hf-kd push --model OUTPUT_DIR --repo_id NAME`` publishes it later. ``kwargs`` go to
+        `create_model_card`.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        model_name = kwargs.pop("model_name", None) or repo_id.split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        model_tags = getattr(unwrap(self.model), "model_tags", None)
+        if model_tags:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
+        # Everything is on disk before the Hub is contacted: a failed push loses nothing.
+        self.save_model(_internal_call=True)
+        self._evaluate_for_card()
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        return hub.push_student(
+            self.args.output_dir,
+            repo_id,
+            create_repo=self.hub_model_id is None,  # else init_hf_repo made it
+            token=token,
+            private=private if private is not None else self.args.hub_private_repo,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message or "Upload a student distilled with hf_kd",
+            run_as_future=not blocking,
+        )
+
+    def init_hf_repo(self, token=None, private=None) -> None:
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            raise hub.PushError(
+                f"hub_strategy={self.args.hub_strategy.value!r} uploads whole checkpoints (optimizer state and "
+                "training arguments as pickles, projection heads); hf_kd publishes the student alone. Use "
+                "hub_strategy='every_save' or 'end', and resume from the local checkpoints."
+            )
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear message
+            reason, hint = hub.failure_reason(err)
+            repo = self.args.hub_model_id or "NAME"
+            raise hub.PushError(
+                f"push_to_hub is set, but the Hub repository {repo} could not be created: {reason}\n  {hint}\n"
+                "  Training has not started. Train with push_to_hub=False (the student is saved in "
+                f"{self.args.output_dir}) and publish it later with: hf-kd push --model {self.args.output_dir} "
+                f"--repo_id {repo}"
+            ) from err
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's push at each save (hub_strategy every_save), limited to the student's files."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        from transformers.utils.hub import PushInProgress
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        for name in hub.publishable_files(checkpoint_folder):
+            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        repo_id = self.hub_model_id or self.args.hub_model_id
+        self._write_card(output_dir, measure=False, model_name=repo_id.split("/")[-1] if repo_id else None)
+        if self.args.save_strategy == "steps":
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
+        job = hub.push_student(
+            output_dir, repo_id, token=self.args.hub_token, revision=self.args.hub_revision, commit_message=message,
+            create_repo=False, run_as_future=True,
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+
+    # ---------------------------------------------------- the record behind provenance and card
+    def _evaluate_for_card(self) -> None:
+        """Evaluate student (at this step) and teacher (once) on eval_dataset, unless already done. All processes."""
+        info = self.card_info or hub.CardInfo()
+        if not info.evaluate or self.eval_dataset is None or isinstance(self.eval_dataset, dict):
+            return
+        student = self._evaluations.get("student")
+        if student is None or student[0] != self.state.global_step:
+            self.evaluate()
+        if "teacher" not in self._evaluations:  # the teacher is frozen: one evaluation serves every save
+            self.evaluate_teacher()
+
+    def _teacher_sha256(self) -> str:
+        if "teacher_sha256" not in self._card_cache:
+            self._card_cache["teacher_sha256"] = hub.weights_sha256(self.teacher)
+        return self._card_cache["teacher_sha256"]
+
+    def _provenance(self, overrides: dict | None = None) -> dict:
+        """What made the student: versions, command, teacher (name, revision, weights hash), settings, config."""
+        import datetime
+
+        import transformers
+
+        from . import __version__
+        from .report import count_parameters
+
+        info = self.card_info or hub.CardInfo()
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        args: DistillationConfig = self.args
+        wrapped = self.accelerator.unwrap_model(self.model)
+        student = unwrap(wrapped)
+        loaded_from = self.teacher.config.name_or_path
+        teacher_name = info.teacher or self._teacher_source or loaded_from
+        base_model = overrides.get("base_model") or info.base_model
+        if base_model is None and hub.is_hub_id(teacher_name):
+            base_model = teacher_name
+        kd = {"kd_loss": args.kd_loss, "temperature": args.temperature, "alpha": args.alpha}
+        if args.kd_loss == "jsd":
+            kd["jsd_beta"] = args.jsd_beta
+        kd.update(hidden_weight=args.hidden_weight, hidden_loss=args.hidden_loss,
+                  attention_weight=args.attention_weight, attention_loss=args.attention_loss,
+                  layer_map=args.layer_map, hidden_pairs=[list(p) for p in self.hidden_pairs],
+                  attention_pairs=[list(p) for p in self.attention_pairs], projections=len(self.projections))
+        eval_split = info.eval_split or getattr(self.eval_dataset, "split", None)
+        command = info.command or (
+            f"{hub.command_line()}  # Python API (hf_kd.DistillationTrainer): the settings are in {hub.PROVENANCE_NAME}"
+        )
+        return {
+            "hf_kd_version": __version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model_name": overrides.get("model_name") or info.model_name,
+            "task": self.task,
+            "command": command,
+            "license": overrides.get("license") or info.license,
+            "language": overrides.get("language") or info.language,
+            "tags": list(dict.fromkeys([*info.tags, *overrides.get("tags", [])])),
+            "teacher": {
+                "name_or_path": teacher_name,
+                "note": info.teacher_note,
+                "loaded_from": loaded_from,
+                "revision": getattr(self.teacher.config, "_commit_hash", None),
+                "class": type(self.teacher).__name__,
+                "parameters": count_parameters(self.teacher),
+                "weights_sha256": self._teacher_sha256(),
+            },
+            "student": {
+                "init": info.student_init or f"the given model {student.config.name_or_path or type(student).__name__}",
+                "class": type(student).__name__,
+                "adapter": student is not wrapped,  # a PEFT model: the folder holds the adapter only
+                "base_model": base_model,
+                "parameters": count_parameters(student),
+            },
+            "distillation": kd,
+            "data": {
+                "dataset": overrides.get("dataset") or info.dataset,
+                "dataset_config": info.dataset_config,
+                "train_split": info.train_split,
+                "eval_split": str(eval_split) if eval_split is not None else None,
+                "train_rows": _length(self.train_dataset),
+                "eval_rows": _length(self.eval_dataset),
+            },
+            "training": {
+                "global_step": self.state.global_step,
+                "epoch": self.state.epoch,
+                "learning_rate": args.learning_rate,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "world_size": args.world_size,
+                "seed": args.seed,
+            },
+            "config": args.to_dict(),  # tokens are masked by TrainingArguments.to_dict
+            "extra": info.extra,
+        }
+
+    def _card_evaluation(self, split) -> dict | None:
+        out = {}
+        student, teacher = self._evaluations.get("student"), self._evaluations.get("teacher")
+        if student is not None and student[0] == self.state.global_step:  # an older step describes other weights
+            out["student"] = hub.card_metrics(student[2], student[1])
+        if teacher is not None:
+            out["teacher"] = hub.card_metrics(teacher[2], teacher[1])
+        return {"split": split, "rows": _length(self.eval_dataset), **out} if out else None
+
+    def _latency_batch(self) -> dict | None:
+        """One evaluation batch (training rows when there is no eval_dataset), collated and on the device."""
+        dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
+        dataset = dataset if dataset is not None else self.train_dataset
+        n = min(self.args.eval_batch_size, _length(dataset) or 0)
+        if n == 0:
+            return None
+        collate = self._get_collator_with_removed_columns(self.data_collator, "latency")
+        batch = self._prepare_inputs(collate([dataset[i] for i in range(n)]))
+        return {k: v for k, v in self._split_inputs(batch).items() if torch.is_tensor(v)}
+
+    def _measurements(self, folder, latency: bool) -> dict:
+        from .report import count_parameters, measure_latency_ms, size_on_disk_mb
+
+        student = unwrap(self.accelerator.unwrap_model(self.model))
+        if "teacher_size" not in self._card_cache:
+            source = self.teacher.config.name_or_path
+            if source and Path(source).is_dir() and size_on_disk_mb(source) > 0:
+                self._card_cache["teacher_size"] = (size_on_disk_mb(source), "the weight files of its folder")
+            else:
+                self._card_cache["teacher_size"] = (hub.weights_size_mb(self.teacher), "its weights in their dtype")
+        t_size, t_source = self._card_cache["teacher_size"]
+        out = {
+            "device": str(self.args.device),
+            "threads": torch.get_num_threads(),
+            "batch_sizes": [],
+            "student": {"parameters": count_parameters(student), "size_mb": size_on_disk_mb(folder)},
+            "teacher": {"parameters": count_parameters(self.teacher), "size_mb": t_size, "size_source": t_source},
+        }
+        cached = self._card_cache.get("latency")
+        if latency and (cached is None or cached[0] != self.state.global_step):
+            batch = self._latency_batch()
+            if batch is not None:
+                sizes = sorted({1, next(iter(batch.values())).shape[0]})
+                timings = {
+                    role: {str(b): measure_latency_ms(model, {k: v[:b] for k, v in batch.items()},
+                                                      repeats=5 if b == 1 else 3, warmup=1) for b in sizes}
+                    for role, model in (("student", student), ("teacher", self.teacher))
+                }
+                cached = self._card_cache["latency"] = (self.state.global_step, sizes, timings)
+        if latency and cached is not None and cached[0] == self.state.global_step:
+            out["batch_sizes"] = cached[1]
+            out["method"] = "median of 5 forward passes at batch 1, of 3 at larger batches, after a warm-up"
+            for role in ("student", "teacher"):
+                out[role]["latency_ms"] = cached[2][role]
+        return out
+
+    def _write_card(self, folder, measure: bool = True, **overrides) -> None:
+        """Write the full record to the provenance file and render the model card from it (main process)."""
+        info = self.card_info or hub.CardInfo()
+        record = self._provenance(overrides)
+        record["model_name"] = record["model_name"] or Path(folder).absolute().name
+        record["evaluation"] = self._card_evaluation(record["data"]["eval_split"])
+        record["measurements"] = self._measurements(folder, latency=measure and info.measure_latency)
+        hub.write_provenance(folder, record)
+        hub.render_card(record).save(Path(folder) / hub.CARD_NAME)
+
+
+def _length(dataset) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an IterableDataset
+        return None
