@@ -184,6 +184,55 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"[hf-kd] pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}", flush=True)
 
 
+def check_model_paths(model_args) -> None:
+    """A clear message for a teacher or student that is neither a readable model folder nor (online) a Hub id,
+    and for a student folder whose tokenizer numbers tokens otherwise than the teacher's."""
+    import os
+
+    from .offline import resolve_model
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    folders = {}
+    for field_name in ("teacher_model_name_or_path", "student_model_name_or_path"):
+        name = getattr(model_args, field_name)
+        if not name:
+            continue
+        path = Path(os.path.expanduser(resolve_model(name)))
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise SystemExit(f"hf-kd: {field_name}={name!r} is a folder without config.json; point it at a folder "
+                                 "saved with save_pretrained.")
+            if not os.access(path / "config.json", os.R_OK):
+                raise SystemExit(f"hf-kd: {field_name}={name!r}: {path / 'config.json'} is not readable; fix its "
+                                 "permissions.")
+            folders[field_name] = path
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+            # A student may start from a base model (its new head is trained); a teacher's head must be trained.
+            teacher_as_is = field_name.startswith("teacher") and model_args.teacher_finetune_epochs <= 0
+            if teacher_as_is and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+                raise SystemExit(
+                    f"hf-kd: {field_name}={name!r} is a {architectures[0]}, not a sequence classifier: its "
+                    "classification head would be random. Give a fine-tuned classifier, or set "
+                    "teacher_finetune_epochs > 0 to fine-tune it first."
+                )
+        elif path.exists():
+            raise SystemExit(f"hf-kd: {field_name}={name!r} is a file; give the model's folder.")
+        elif offline or name.startswith((".", "/", "~")):
+            raise SystemExit(
+                f"hf-kd: {field_name}={name!r} does not exist"
+                + (" and the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "")
+                + "; check the path, or give a Hub id while online."
+            )
+    if len(folders) == 2:
+        from .trainer import InputError, _check_tokenizers, _load_tokenizer
+
+        try:
+            _check_tokenizers(_load_tokenizer(str(folders["student_model_name_or_path"])),
+                              _load_tokenizer(str(folders["teacher_model_name_or_path"])))
+        except InputError as err:
+            raise SystemExit(f"hf-kd: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -202,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "distill":
         from .hub import PushError
         from .pipeline import run_distill
+        from .trainer import InputError, NonFiniteLossError
 
+        parsed = parse_distill_args(rest)
+        check_model_paths(parsed[0])
         try:
-            run_distill(*parse_distill_args(rest))
-        except PushError as err:  # --push_to_hub without a reachable Hub: a message, not a traceback
+            run_distill(*parsed)
+        except (PushError, InputError, NonFiniteLossError) as err:  # a message, not a traceback
             raise SystemExit(f"hf-kd: {err}") from None
     elif command == "push":
         run_push(parse_push_args(rest))

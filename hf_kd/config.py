@@ -21,6 +21,8 @@ from transformers import TrainingArguments
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES
 
 LAYER_MAP_NAMES = ("uniform", "last")
+NONFINITE_ACTIONS = ("stop", "skip")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_layer_map(value: Any) -> str | list[list[int]]:
@@ -127,6 +129,23 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    nonfinite_loss: str = field(
+        default="stop",
+        metadata={
+            "help": "What a non-finite (NaN/inf) loss component does: stop = raise with the step and the component, "
+            "before any backward pass or checkpoint; skip = drop that micro-batch's gradient and log a warning.",
+            "choices": list(NONFINITE_ACTIONS),
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the teacher runs in: auto = the student's dtype; float32, bfloat16 or float16 to keep a "
+            "teacher in another dtype than the student (e.g. bfloat16 to halve its memory). Losses are fp32 anyway.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         problems = []
@@ -144,6 +163,10 @@ class DistillationConfig(TrainingArguments):
             problems.append(
                 f"attention_loss={self.attention_loss!r} is unknown; use one of {', '.join(ATTENTION_LOSSES)}."
             )
+        if self.nonfinite_loss not in NONFINITE_ACTIONS:
+            problems.append(f"nonfinite_loss={self.nonfinite_loss!r} is unknown; use 'stop' or 'skip'.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            problems.append(f"teacher_dtype={self.teacher_dtype!r} is unknown; use one of {', '.join(TEACHER_DTYPES)}.")
         for name in ("hidden_weight", "attention_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; weights must be >= 0.")

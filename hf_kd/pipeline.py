@@ -49,7 +49,15 @@ def load_splits(data_args, tokenizer):
     kwargs = resolve_dataset(data_args.dataset_name)
     if data_args.dataset_config_name:
         kwargs["name"] = data_args.dataset_config_name
-    raw = load_dataset(**kwargs)
+    try:
+        raw = load_dataset(**kwargs)
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        # datasets refuses a split file with no rows while building; say which fix applies.
+        raise SystemExit(
+            f"hf-kd: a split of {data_args.dataset_name} has no rows ({err}); give splits with data."
+        ) from None
     splits = {"train": data_args.train_split, "eval": data_args.eval_split}
     for role, split in splits.items():
         if split is not None and split not in raw:
@@ -57,6 +65,16 @@ def load_splits(data_args, tokenizer):
                 f"hf-kd: the dataset has no split {split!r} (it has {sorted(raw)}); set {role}_split to one of them."
             )
     train = raw[data_args.train_split]
+    for role in ("train", "eval"):
+        split = splits[role]
+        if split is not None and len(raw[split]) == 0:
+            raise SystemExit(f"hf-kd: the {split!r} split has no rows; point {role}_split at a split with data.")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 1_000_000 and data_args.max_length > limit:  # huge values mean "not set"
+        raise SystemExit(
+            f"hf-kd: max_length={data_args.max_length} is longer than the teacher tokenizer's model_max_length="
+            f"{limit} (the model's maximum positions); set max_length to {limit} or less."
+        )
     for column in (data_args.text_column, data_args.label_column, data_args.text_pair_column):
         if column is not None and column not in train.column_names:
             raise SystemExit(
@@ -80,6 +98,9 @@ def load_splits(data_args, tokenizer):
         values = sorted(set(train[data_args.label_column]))
         names = [str(v) for v in values]
         to_id = {v: i for i, v in enumerate(values)}
+    for role, split in splits.items():
+        if split is not None:
+            check_labels(raw[split], data_args.label_column, names, to_id, split)
 
     def prepare(ds, limit):
         if limit is not None:
@@ -101,6 +122,34 @@ def load_splits(data_args, tokenizer):
     train = prepare(train, data_args.max_train_samples)
     held_out = prepare(raw[data_args.eval_split], data_args.max_eval_samples) if data_args.eval_split else None
     return train, held_out, names
+
+
+def check_labels(ds, column: str, names: list, to_id: dict | None, split: str) -> None:
+    """Refuse rows without a label (None, or -1 as in unlabelled test splits) or outside the label set.
+
+    Reads the label column alone (Arrow, no tokenization), so it stays cheap on large splits.
+    """
+    values = ds[column]
+    missing = sum(v is None or v == -1 for v in values)
+    if missing:
+        raise SystemExit(
+            f"hf-kd: {missing} rows of the {split!r} split have no label ({column} is None or -1, as in unlabelled "
+            "test splits); pick a labelled split (e.g. eval_split: validation) or filter them out."
+        )
+    if to_id is not None:
+        unknown = sorted({str(v) for v in values} - {str(k) for k in to_id})
+        if unknown:
+            raise SystemExit(
+                f"hf-kd: the {split!r} split has labels {unknown[:5]} that the training split does not have "
+                f"({names}); give class_names or use splits with the same labels."
+            )
+    else:
+        bad = sorted({v for v in values if not (isinstance(v, int) and 0 <= v < len(names))}, key=str)
+        if bad:
+            raise SystemExit(
+                f"hf-kd: the {split!r} split has labels {bad[:5]} outside 0..{len(names) - 1} ({len(names)} class "
+                "names); fix the labels or class_names."
+            )
 
 
 # ---------------------------------------------------------------------------- evaluation

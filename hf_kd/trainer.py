@@ -6,6 +6,8 @@ pure functions of `hf_kd.losses`.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +24,13 @@ from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
 from .tasks import TOKEN_TASKS, auto_class, detect_task, unwrap
 
+logger = logging.getLogger(__name__)
+
 PROJECTIONS_NAME = "kd_projections.safetensors"
+#: Beside each checkpoint: what it was made with (teacher, student architecture, loss), compared on resume.
+KD_CONFIG_NAME = "kd_config.json"
+#: Rows of a training set scanned for labels and lengths before training (the checks stay cheap on big data).
+SCAN_ROWS = 10_000
 COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss")
 # Keys of a batch that are targets, not model inputs.
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
@@ -40,6 +48,14 @@ def _num_heads(config) -> int:
     return config.get_text_config().num_attention_heads
 
 
+class InputError(ValueError):
+    """Input refused before training (models, tokenizers, data); the message names the problem and the fix."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component was NaN or inf (``nonfinite_loss="stop"``); raised before its backward pass."""
+
+
 def load_teacher(teacher_model, task: str) -> PreTrainedModel:
     """A teacher given as a model is used as is; a name or path is loaded with the student's Auto class."""
     if isinstance(teacher_model, nn.Module):
@@ -52,16 +68,28 @@ def load_teacher(teacher_model, task: str) -> PreTrainedModel:
 
     path = resolve_model(str(teacher_model))
     cls = auto_class(task)
+    local = os.path.expanduser(path)
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        raise InputError(
+            f"The teacher folder {teacher_model!r} has no config.json: it is not a model saved with save_pretrained. "
+            "Point teacher_model at the folder that holds config.json and the weights."
+        )
+    if not os.path.exists(local) and (os.path.isabs(local) or path.startswith(".") or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise InputError(
+            f"The teacher {teacher_model!r} is not a local folder"
+            + (" (and the Hub is offline, HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+            + ". Check the path, or pass a model object as teacher_model."
+        )
     try:
         teacher, info = cls.from_pretrained(path, output_loading_info=True)
-    except OSError as err:
-        raise ValueError(
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(
             f"Could not load the teacher {teacher_model!r} with {cls.__name__}: {err}\n"
             "Pass a local folder saved with save_pretrained, or a Hub id while online."
         ) from err
     missing = info.get("missing_keys", [])
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The teacher {teacher_model!r} has no trained weights for {len(missing)} parameters of "
             f"{cls.__name__} (e.g. {sorted(missing)[:3]}): it is not a {task.replace('_', ' ')} model, so its "
             "logits would be random. Fine-tune the teacher for the task first, or give a checkpoint that has "
@@ -94,7 +122,9 @@ class DistillationTrainer(Trainer):
     given to the optimizer and never saved. Each loss component, unweighted, is logged with `loss`.
     """
 
-    def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, **kwargs):
+    def __init__(
+        self, model=None, teacher_model=None, args: DistillationConfig | None = None, teacher_tokenizer=None, **kwargs
+    ):
         if not isinstance(args, DistillationConfig):
             raise TypeError(
                 "DistillationTrainer needs args=DistillationConfig(...) (a TrainingArguments subclass with the "
@@ -108,13 +138,18 @@ class DistillationTrainer(Trainer):
         self.task = detect_task(model)
         teacher = load_teacher(teacher_model, self.task)
         self._check_pair(unwrap(model), unwrap(teacher), args)
+        self._check_placement(unwrap(model), unwrap(teacher))
+        if teacher_tokenizer is None and self._teacher_folder(teacher_model):
+            teacher_tokenizer = _load_tokenizer(self._teacher_folder(teacher_model))
+        _check_tokenizers(kwargs.get("processing_class"), teacher_tokenizer)
+        self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
         teacher.eval()
         teacher.requires_grad_(False)
         self.teacher = teacher
         self.projections = self._build_projections(unwrap(model), teacher, args)
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._component_sums: dict[str, torch.Tensor] = {}
-        self._last_logged_step = 0
+        self._steps_since_log = 0  # optimizer steps whose components are in _component_sums (also after a resume)
         self._projections_in_optimizer = False
         # Publishing (hf_kd.hub): the teacher as named by the caller, evaluations for the card, cached facts.
         self._teacher_source = str(teacher_model) if isinstance(teacher_model, (str, os.PathLike)) else None
@@ -127,8 +162,9 @@ class DistillationTrainer(Trainer):
         # Our losses are sums divided by counts over the whole accumulation window (and all
         # processes), so Trainer must not divide them again by the accumulation steps.
         self.loss_is_scaled_for_ga = True
-        self.teacher.to(self.args.device)
+        self.teacher.to(device=self.args.device, dtype=self._teacher_dtype(unwrap(model)))
         self.projections.to(self.args.device)
+        self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
 
     # ------------------------------------------------------------------ checks and set-up
     def _check_pair(self, student, teacher, args: DistillationConfig) -> None:
@@ -194,7 +230,100 @@ class DistillationTrainer(Trainer):
                             "attention_weight=0."
                         )
         if problems:
-            raise ValueError("Cannot distil this teacher into this student:\n  - " + "\n  - ".join(problems))
+            raise InputError("Cannot distil this teacher into this student:\n  - " + "\n  - ".join(problems))
+
+    @staticmethod
+    def _teacher_folder(teacher_model) -> str | None:
+        if not isinstance(teacher_model, (str, os.PathLike)):
+            return None
+        from .offline import resolve_model
+
+        path = os.path.expanduser(resolve_model(str(teacher_model)))
+        return path if os.path.isdir(path) else None
+
+    def _check_placement(self, student, teacher) -> None:
+        """Weights that were never loaded cannot be moved; say so here rather than deep inside `.to()`."""
+        for name, m in (("teacher", teacher), ("student", student)):
+            if any(p.is_meta for p in m.parameters()):
+                raise InputError(
+                    f"the {name}'s weights are on the 'meta' device (created without data, e.g. under "
+                    "init_empty_weights or device_map='meta'). Load it with from_pretrained(path) (optionally "
+                    "device_map='cpu' or 'cuda'); DistillationTrainer moves the teacher to the student's device."
+                )
+
+    def _teacher_dtype(self, student) -> torch.dtype | None:
+        """`teacher_dtype`: "auto" follows the student's floating dtype, else the named dtype."""
+        if getattr(self.teacher, "is_quantized", False):  # quantized weights cannot be cast; keep them
+            return None
+        if self.args.teacher_dtype != "auto":
+            return getattr(torch, self.args.teacher_dtype)
+        floats = [p.dtype for p in student.parameters() if p.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
+    def _check_dataset(self, dataset, student, teacher) -> None:
+        """Empty data, labels outside the head, sequences longer than either model's positions.
+
+        Cheap by design: the first `SCAN_ROWS` rows of a `datasets.Dataset` are read (its label and input_ids
+        columns alone), the first `SCAN_ROWS // 10` rows of another map-style dataset; an IterableDataset or a
+        dataset without len() is not scanned. Rows past those are not checked.
+        """
+        if dataset is None:
+            return
+        try:
+            n = len(dataset)
+        except TypeError:
+            return
+        if n == 0:
+            raise InputError(
+                "train_dataset is empty (0 rows). Check the split name and any filtering or max_train_samples."
+            )
+        rows = min(n, SCAN_ROWS)
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None:  # datasets.Dataset: read columns, not rows
+            head = dataset.select(range(rows)) if rows < n else dataset
+            get = lambda name: head[name] if name in columns else None  # noqa: E731
+        else:
+            sample = [dataset[i] for i in range(min(rows, SCAN_ROWS // 10))]  # __getitem__ may tokenize: fewer
+            if not all(isinstance(r, dict) for r in sample):
+                return
+            get = lambda name: [r[name] for r in sample] if all(name in r for r in sample) else None  # noqa: E731
+        problems = []
+        limits = []
+        for who, m in (("student", student), ("teacher", teacher)):
+            limit = getattr(m.config.get_text_config(), "max_position_embeddings", None)
+            if limit:
+                limits.append((limit, who))
+        ids = get("input_ids")
+        if ids is not None and limits:
+            longest = max(len(x) for x in ids)
+            limit, who = min(limits)
+            if longest > limit:
+                problems.append(
+                    f"train_dataset has sequences of {longest} tokens, longer than the {who}'s "
+                    f"max_position_embeddings={limit}. Tokenize with truncation=True, max_length={limit} (or less)."
+                )
+        labels = get("labels")
+        if labels is None and self.task in ("sequence_classification", "token_classification"):
+            labels = get("label")
+        if labels is not None and self.task in ("sequence_classification", "token_classification", "masked_lm", "causal_lm"):
+            flat = []
+            for v in labels:
+                v = v.tolist() if torch.is_tensor(v) else v
+                flat.extend(v if isinstance(v, (list, tuple)) else [v])
+            values = [int(v) for v in flat if v is not None and int(v) != -100]
+            if self.task in ("masked_lm", "causal_lm"):
+                high, what = student.config.get_text_config().vocab_size, "vocabulary size"
+            else:
+                high, what = student.config.num_labels, "num_labels"
+            bad = sorted({v for v in values if not 0 <= v < high})
+            if bad:
+                problems.append(
+                    f"train_dataset has labels {bad[:5]} outside 0..{high - 1} (the student's {what} is {high}; "
+                    "-100 marks ignored positions). Map the labels to 0..N-1, or build the student and the teacher "
+                    "with num_labels covering them."
+                )
+        if problems:
+            raise InputError("Cannot train on this data:\n  - " + "\n  - ".join(problems))
 
     def _build_projections(self, student, teacher, args) -> nn.ModuleList:
         """One learned linear map (student width -> teacher width) per hidden pair when widths differ."""
@@ -219,15 +348,77 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def _save_checkpoint(self, model, trial) -> None:
+        # A finite loss can still give non-finite weights (e.g. an overflowing backward pass): such weights must
+        # not become the newest checkpoint, which a resume or load_best_model_at_end would pick.
+        for name, p in [*unwrap(self.accelerator.unwrap_model(model)).named_parameters(),
+                        *(("projections." + n, p) for n, p in self.projections.named_parameters())]:
+            if not torch.isfinite(p).all():
+                raise NonFiniteLossError(
+                    f"the weights hold NaN/inf after step {self.state.global_step} (first: {name}); the checkpoint "
+                    "of this step is not written and the earlier ones are kept. Lower learning_rate, keep "
+                    "max_grad_norm > 0, or use bf16 instead of fp16; then resume from the last checkpoint."
+                )
         super()._save_checkpoint(model, trial)
-        if len(self.projections) and self.args.should_save:
-            from safetensors.torch import save_file
-
+        if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.projections.state_dict().items()}
-            save_file(state, os.path.join(folder, PROJECTIONS_NAME))
+            if len(self.projections):
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().cpu().contiguous() for k, v in self.projections.state_dict().items()}
+                save_file(state, os.path.join(folder, PROJECTIONS_NAME))
+            with open(os.path.join(folder, KD_CONFIG_NAME), "w") as f:
+                json.dump(self._run_signature(), f, indent=1)
+
+    def _run_signature(self) -> dict:
+        """What a checkpoint was made with and must be resumed with: teacher weights, student architecture, loss."""
+        args: DistillationConfig = self.args
+        student = unwrap(self.accelerator.unwrap_model(self.model))
+        text = student.config.get_text_config()
+        return {
+            "teacher": {"class": type(self.teacher).__name__, "weights_sha256": self._teacher_sha256()},
+            "student": {
+                "class": type(student).__name__,
+                "config_class": type(student.config).__name__,
+                **{k: getattr(text, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")},
+                "num_labels": getattr(student.config, "num_labels", None),
+            },
+            "loss": {
+                "kd_loss": args.kd_loss, "temperature": args.temperature, "alpha": args.alpha, "jsd_beta": args.jsd_beta,
+                "hidden_weight": args.hidden_weight, "hidden_loss": args.hidden_loss,
+                "attention_weight": args.attention_weight, "attention_loss": args.attention_loss,
+                "hidden_pairs": [list(p) for p in self.hidden_pairs],
+                "attention_pairs": [list(p) for p in self.attention_pairs],
+                "projections": len(self.projections),
+            },
+        }
+
+    def _check_resume(self, checkpoint) -> None:
+        path = os.path.join(checkpoint, KD_CONFIG_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                "%s has no %s (written by hf_kd since it records teacher, student and loss): resuming without "
+                "checking that they match.", checkpoint, KD_CONFIG_NAME,
+            )
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        now = json.loads(json.dumps(self._run_signature()))  # tuples -> lists, as read back
+        diffs = [
+            f"{group}.{key}: checkpoint {saved.get(group, {}).get(key)!r}, now {value!r}"
+            for group, fields in now.items()
+            for key, value in fields.items()
+            if saved.get(group, {}).get(key) != value
+        ]
+        if diffs:
+            raise InputError(
+                f"Cannot resume from {checkpoint}: it was made with another set-up ({KD_CONFIG_NAME}):\n  - "
+                + "\n  - ".join(diffs)
+                + "\nResume with the checkpoint's teacher, student and loss settings, or start a new run (a new "
+                "output_dir) that loads the checkpoint's weights as the student."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        self._check_resume(resume_from_checkpoint)  # before any weight is loaded
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_NAME)
         if len(self.projections):
@@ -281,7 +472,20 @@ class DistillationTrainer(Trainer):
             "pair": (lengths.float() ** 2).sum().to(device),
         }
 
+    def _clip_grad_norm(self, model):
+        """Clip the student's and the projections' gradients together (Trainer sees the student alone)."""
+        from accelerate.utils import DistributedType
+
+        if not len(self.projections) or self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.projections.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Called once per optimizer step, before its micro-batches. Trainer zeroes the student's gradients
+        # (model.zero_grad()) but not the projections', which would otherwise add up over all past steps.
+        self.projections.zero_grad(set_to_none=True)
+        self._steps_since_log += 1
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
             counts = [self._count_items(b) for b in batch_samples]
@@ -402,16 +606,48 @@ class DistillationTrainer(Trainer):
             components["attention_loss"] = attn
             total = total + args.attention_weight * attn
 
+        # One sync per micro-batch, as Trainer's own logging_nan_inf_filter check already costs.
+        if not torch.isfinite(total):
+            return self._nonfinite(model, components, s_out, t_out, return_outputs)
         for name, value in components.items():
             self._component_sums[name] = self._component_sums.get(name, 0.0) + value.detach().float()
         # Counts are summed over every process; DDP averages gradients, so the sum is restored here.
         total = total * self.args.world_size
         return (total, s_out) if return_outputs else total
 
+    def _nonfinite(self, model, components, s_out, t_out, return_outputs):
+        """A NaN/inf loss: stop with the step and the component, or drop this micro-batch's gradient."""
+        step = self.state.global_step + 1  # the optimizer step being computed
+        bad = [name for name, v in components.items() if not torch.isfinite(v).all()] or ["loss (total)"]
+        sources = []
+        for who, out in (("student", s_out), ("teacher", t_out)):
+            if out is None:
+                continue
+            for key in ("logits", "start_logits", "end_logits", "hidden_states", "attentions"):
+                value = getattr(out, key, None)
+                tensors = value if isinstance(value, (tuple, list)) else [value]
+                if any(torch.is_tensor(t) and not torch.isfinite(t).all() for t in tensors):
+                    sources.append(f"the {who}'s {key}")
+        where = f" ({', '.join(sources)} hold NaN/inf)" if sources else ""
+        message = f"non-finite {', '.join(bad)} at step {step}{where}"
+        if self.args.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"{message}. Training stopped before this step's backward pass; no checkpoint was written after "
+                "it. Lower learning_rate or the temperature, check the data of this step, use bf16 instead of fp16, "
+                "or set nonfinite_loss='skip' to drop such batches."
+            )
+        logger.warning("%s: this batch's gradient is dropped (nonfinite_loss='skip').", message)
+        self.skipped_steps.append((step, ", ".join(bad)))
+        # A zero connected to every trainable parameter: backward gives exact zero gradients (and DDP sees them all).
+        params = [p for p in model.parameters() if p.requires_grad]
+        zero = sum((p.reshape(-1)[:1] * 0).sum() for p in params) if params else torch.zeros((), device=self.args.device)
+        zero = zero.float()
+        return (zero, s_out) if return_outputs else zero
+
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_sums:
-            steps = max(self.state.global_step - self._last_logged_step, 1)
+            steps = max(self._steps_since_log, 1)
             for name in COMPONENTS:
                 if name in self._component_sums:
                     value = torch.as_tensor(self._component_sums[name], device=self.args.device)
@@ -419,7 +655,7 @@ class DistillationTrainer(Trainer):
                         value = self.accelerator.reduce(value, "sum")
                     logs[name] = value.item() / steps
             self._component_sums = {}
-            self._last_logged_step = self.state.global_step
+            self._steps_since_log = 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ publishing (see hf_kd.hub)
@@ -748,6 +984,48 @@ class DistillationTrainer(Trainer):
         record["measurements"] = self._measurements(folder, latency=measure and info.measure_latency)
         hub.write_provenance(folder, record)
         hub.render_card(record).save(Path(folder) / hub.CARD_NAME)
+
+
+def _load_tokenizer(folder: str):
+    """The tokenizer saved in a model folder, or None when the folder holds none."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer only disables the comparison
+        logger.warning("Could not load the tokenizer in %s; the tokenizer check is skipped.", folder)
+        return None
+
+
+def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
+    """Teacher and student read the same input_ids, so their vocabularies must map tokens to the same ids.
+
+    The vocabularies are compared entry by entry, not by size: two tokenizers of equal size may number
+    their tokens differently.
+    """
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)  # a processor's tokenizer
+    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    if not (hasattr(student_tokenizer, "get_vocab") and hasattr(teacher_tokenizer, "get_vocab")):
+        return
+    sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if sv == tv:
+        return
+    moved = sorted(t for t in sv.keys() & tv.keys() if sv[t] != tv[t])
+    only = sorted(sv.keys() ^ tv.keys())
+    detail = []
+    if moved:
+        t = moved[0]
+        detail.append(f"{len(moved)} tokens have other ids (e.g. {t!r} is {sv[t]} for the student, {tv[t]} for the teacher)")
+    if only:
+        detail.append(f"{len(only)} tokens are in one vocabulary only (e.g. {only[0]!r})")
+    raise InputError(
+        f"the student's tokenizer ({len(sv)} tokens) and the teacher's ({len(tv)} tokens) differ: "
+        + "; ".join(detail)
+        + ". Both models read the same input_ids, so they need the same tokenizer: tokenize with the teacher's "
+        "and build the student from it (e.g. hf_kd.student.student_from_teacher)."
+    )
 
 
 def _length(dataset) -> int | None:
