@@ -68,6 +68,14 @@ class DataArguments:
     max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out rows."})
+    unlabelled_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also distil on the next N training rows after the first max_train_samples, with their labels "
+            "dropped: an unlabelled transfer set that only the teacher's targets train on. The teacher's fine-tune "
+            "and the baseline see the labelled rows alone."
+        },
+    )
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import ClassLabel, load_dataset
+from datasets import ClassLabel, concatenate_datasets, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -102,9 +102,10 @@ def load_splits(data_args, tokenizer):
         if split is not None:
             check_labels(raw[split], data_args.label_column, names, to_id, split)
 
-    def prepare(ds, limit):
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
+    def prepare(ds, limit, start=0):
+        end = len(ds) if limit is None else min(start + limit, len(ds))
+        if start or end < len(ds):
+            ds = ds.select(range(start, end))
         if len(ds) == 0:
             raise SystemExit("hf-kd: a split is empty after slicing; raise max_train_samples / max_eval_samples.")
 
@@ -119,9 +120,20 @@ def load_splits(data_args, tokenizer):
 
         return ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenize")
 
+    unlabelled = None
+    if data_args.unlabelled_samples:
+        start = data_args.max_train_samples
+        if start is None or start + data_args.unlabelled_samples > len(train):
+            raise SystemExit(
+                f"hf-kd: unlabelled_samples={data_args.unlabelled_samples} takes the training rows after the first "
+                f"max_train_samples={start}, but the {data_args.train_split!r} split has {len(train)} rows; set "
+                "max_train_samples + unlabelled_samples to at most that."
+            )
+        unlabelled = prepare(train, data_args.unlabelled_samples, start=start)
+        unlabelled = unlabelled.map(lambda row: {"labels": -100}, desc="drop labels")
     train = prepare(train, data_args.max_train_samples)
     held_out = prepare(raw[data_args.eval_split], data_args.max_eval_samples) if data_args.eval_split else None
-    return train, held_out, names
+    return train, unlabelled, held_out, names
 
 
 def check_labels(ds, column: str, names: list, to_id: dict | None, split: str) -> None:
@@ -255,8 +267,9 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     teacher_source = resolve_model(model_args.teacher_model_name_or_path)
     say(f"loading tokenizer and data ({data_args.dataset_name})")
     tokenizer = AutoTokenizer.from_pretrained(teacher_source)
-    train, held_out, names = load_splits(data_args, tokenizer)
-    say(f"data: {len(train)} training rows, {len(held_out) if held_out else 0} held-out rows, labels {names}")
+    train, unlabelled, held_out, names = load_splits(data_args, tokenizer)
+    extra = f" (+ {len(unlabelled)} unlabelled rows for distillation)" if unlabelled is not None else ""
+    say(f"data: {len(train)} training rows{extra}, {len(held_out) if held_out else 0} held-out rows, labels {names}")
     collator = DataCollatorWithPadding(tokenizer)
 
     teacher_dir, teacher_seconds = prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator)
@@ -277,7 +290,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         model=student,
         teacher_model=teacher,
         args=config,
-        train_dataset=train,
+        train_dataset=train if unlabelled is None else concatenate_datasets([train, unlabelled]),
         eval_dataset=held_out,
         data_collator=collator,
         processing_class=tokenizer,
@@ -294,21 +307,25 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         "teacher": model_args.teacher_model_name_or_path,
         "student_init": student_init,
         "train_rows": len(train),
-        "distilled": {"train_seconds": kd_seconds},
+        "unlabelled_rows": len(unlabelled) if unlabelled is not None else 0,
+        "distilled": {"train_seconds": kd_seconds, "steps": trainer.state.global_step},
         "teacher_model": {"path": teacher_dir, "train_seconds": teacher_seconds},
     }
     models = {"teacher": (teacher, teacher_dir), "distilled": (student, config.output_dir)}
 
     if baseline_init is not None:
-        say("baseline: the same student, same start and steps, on labels alone")
+        # The same optimizer steps as the distilled run (with an unlabelled transfer set, that is more
+        # passes over the labelled rows), the same schedule and the same start.
+        steps = trainer.state.global_step
+        say(f"baseline: the same student, same start, {steps} steps, on labels alone")
         base_dir = os.path.join(config.output_dir, "baseline")
         base_args = _plain_args(config, base_dir, report_to=[], push_to_hub=False, eval_strategy="no",
-                                save_strategy="no", load_best_model_at_end=False)
+                                save_strategy="no", load_best_model_at_end=False, max_steps=steps)
         base_trainer = Trainer(model=baseline_init, args=base_args, train_dataset=train, data_collator=collator,
                                processing_class=tokenizer)
         start = time.perf_counter()
         base_trainer.train()
-        results["baseline"] = {"train_seconds": time.perf_counter() - start}
+        results["baseline"] = {"train_seconds": time.perf_counter() - start, "steps": base_trainer.state.global_step}
         base_trainer.save_model(base_dir)
         models["baseline"] = (baseline_init, base_dir)
 

@@ -464,10 +464,18 @@ class DistillationTrainer(Trainer):
             logit_rows = torch.tensor(batch, device=device)
         else:
             logit_rows = logit_mask.sum().to(device)
+        # The hard-label CE of sequence classification averages over labelled rows: rows whose label
+        # is -100 (an unlabelled transfer set) train on the teacher's targets alone.
+        labels = inputs.get("labels")
+        if self.task == "sequence_classification" and labels is not None and labels.dim() == 1:
+            label_rows = (labels != -100).sum().to(device)
+        else:
+            label_rows = logit_rows
         token_mask = self._token_mask(inputs)
         lengths = token_mask.sum(-1)
         return {
             "logit": logit_rows.float(),
+            "label": label_rows.float(),
             "token": lengths.sum().to(device).float(),
             "pair": (lengths.float() ** 2).sum().to(device),
         }
@@ -569,7 +577,7 @@ class DistillationTrainer(Trainer):
             total = total + args.alpha * scale * kd
         if all(label is not None for label in targets.labels) and args.alpha < 1:
             ce = sum(
-                cross_entropy_loss(s, label, normalizer=counts["logit"], class_mask=targets.class_mask)
+                cross_entropy_loss(s, label, normalizer=counts["label"], class_mask=targets.class_mask)
                 for s, label in zip(targets.student, targets.labels)
             ) / n_heads
             components["ce_loss"] = ce

@@ -145,3 +145,25 @@ def test_tiny_recipe_runs_offline_on_the_packaged_teacher_and_reviews(tmp_path):
         assert 0.0 <= results[name]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 1
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_unlabelled_rows_feed_distillation_only(tiny_recipe):
+    """unlabelled_samples: the KD run sees labelled + unlabelled rows; the teacher's fine-tune and the
+    baseline see the labelled rows alone, and the baseline runs as many steps as the KD run."""
+    path, tmp, _ = tiny_recipe
+    argv = ["distill", "--config", str(path), "--max_train_samples", "24", "--unlabelled_samples", "32",
+            "--teacher_finetune_epochs", "1", "--cache_dir", str(tmp / "cache"), "--report", "false"]
+    assert main(argv) == 0
+    results = json.loads((tmp / "out" / "results.json").read_text())
+    assert results["train_rows"] == 24 and results["unlabelled_rows"] == 32
+    assert results["distilled"]["steps"] == 7  # ceil(56 / 8): one epoch over both
+    assert results["baseline"]["steps"] == 7  # over 24 labelled rows: more than one pass
+    (teacher_info,) = (tmp / "cache").rglob("hf_kd_teacher.json")
+    assert json.loads(teacher_info.read_text())["rows"] == 24
+
+
+def test_unlabelled_rows_beyond_the_split_are_refused(tiny_recipe):
+    path, tmp, _ = tiny_recipe
+    with pytest.raises(SystemExit, match="max_train_samples \\+ unlabelled_samples"):
+        main(["distill", "--config", str(path), "--max_train_samples", "40", "--unlabelled_samples", "40"])
+    assert not (tmp / "out").exists()

@@ -128,6 +128,24 @@ def test_ce_term_is_absent_without_labels(tmp_path, tiny_pair):
     assert "ce_loss" not in trainer._component_sums
 
 
+def test_unlabelled_rows_train_on_the_teacher_alone(tmp_path, tiny_pair):
+    """Rows labelled -100 (an unlabelled transfer set) add KD but no CE; CE averages the labelled rows."""
+    teacher, student = tiny_pair
+    args = make_args(tmp_path, alpha=0.3, temperature=2.0)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    batch = random_batch("sequence_classification", batch=6, pad_from=[10, 6, 4, 8, 9, 3])
+    batch["labels"][[0, 3, 4]] = -100
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    s = student(**inputs).logits.float()
+    t = teacher(**inputs).logits.float()
+    kd = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
+    keep = torch.tensor([1, 2, 5])
+    ce = F.cross_entropy(s[keep], batch["labels"][keep])
+    assert torch.allclose(loss, 0.3 * 4 * kd + 0.7 * ce, rtol=1e-5)
+
+
 @pytest.mark.parametrize("task", ["sequence_classification", "token_classification", "causal_lm", "masked_lm"])
 def test_extra_padding_does_not_change_the_loss(tmp_path, task):
     teacher, student = task_pair(task)
@@ -242,10 +260,12 @@ def test_checkpoint_and_saved_model_hold_the_student_alone(tmp_path, tiny_pair):
     assert set(loaded) == set(proj) and torch.equal(loaded["0.weight"], proj["0.weight"])
 
 
-def _accumulation_run(tmp_path, name, per_device, accumulation):
-    teacher, student = task_pair("token_classification")
+def _accumulation_run(tmp_path, name, per_device, accumulation, task="token_classification"):
+    teacher, student = task_pair(task)
     # Variable numbers of labelled tokens per micro-batch: a per-micro-batch mean would weigh them wrongly.
-    batch = random_batch("token_classification", batch=8, pad_from=[10, 2, 7, 3, 10, 1, 5, 9], seed=3)
+    batch = random_batch(task, batch=8, pad_from=[10, 2, 7, 3, 10, 1, 5, 9], seed=3)
+    if task == "sequence_classification":  # unlabelled rows (a transfer set), unevenly spread
+        batch["labels"][[1, 2, 3, 6]] = -100
     args = make_args(
         tmp_path / name,
         per_device_train_batch_size=per_device,
@@ -263,9 +283,10 @@ def _accumulation_run(tmp_path, name, per_device, accumulation):
     return student.state_dict(), trainer.projections.state_dict(), trainer.state.log_history
 
 
-def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
-    big, big_proj, big_logs = _accumulation_run(tmp_path, "big", per_device=8, accumulation=1)
-    acc, acc_proj, acc_logs = _accumulation_run(tmp_path, "acc", per_device=2, accumulation=4)
+@pytest.mark.parametrize("task", ["token_classification", "sequence_classification"])
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, task):
+    big, big_proj, big_logs = _accumulation_run(tmp_path, "big", per_device=8, accumulation=1, task=task)
+    acc, acc_proj, acc_logs = _accumulation_run(tmp_path, "acc", per_device=2, accumulation=4, task=task)
     for k in big:
         assert torch.allclose(big[k], acc[k], atol=1e-6, rtol=1e-5), k
     for k in big_proj:
