@@ -240,12 +240,15 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
             data_seed=None,
         )
         start = time.perf_counter()
-        Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer)
+        trainer.train()  # under several processes, one data-parallel fine-tune
         seconds = time.perf_counter() - start
-        model.save_pretrained(work / "model")
-        tokenizer.save_pretrained(work / "model")
-        (work / "model" / "hf_kd_teacher.json").write_text(json.dumps({**key, "train_seconds": seconds}, indent=1))
-        os.replace(work / "model", cache)  # atomic: a cache entry is complete or absent
+        if trainer.is_world_process_zero():  # one process writes the cache entry; the others wait for it
+            model.save_pretrained(work / "model")
+            tokenizer.save_pretrained(work / "model")
+            (work / "model" / "hf_kd_teacher.json").write_text(json.dumps({**key, "train_seconds": seconds}, indent=1))
+            os.replace(work / "model", cache)  # atomic: a cache entry is complete or absent
+        trainer.accelerator.wait_for_everyone()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return str(cache), seconds
@@ -335,7 +338,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
             results.setdefault(name if name != "teacher" else "teacher_model", {})["accuracy"] = accuracy(
                 model, held_out, collator
             )
-    if run_args.report and held_out is not None:
+    if run_args.report and held_out is not None and trainer.is_world_process_zero():
         results["report"] = _report(models, results, held_out, collator, trainer, config, model_args, data_args)
     if trainer.is_world_process_zero():
         Path(config.output_dir, "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -372,6 +375,8 @@ def _report(models, results, held_out, collator, trainer, config, model_args, da
         "student": results["student_init"],
         "dataset": data_args.dataset_name,
         "train rows": results["train_rows"],
+        "unlabelled rows (distillation only)": results["unlabelled_rows"],
+        "optimizer steps (each student)": results["distilled"]["steps"],
         "max_length": data_args.max_length,
         "epochs": config.num_train_epochs,
         "learning_rate": config.learning_rate,

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
-from . import hub
+from . import distributed, hub
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -54,6 +54,17 @@ class InputError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """A loss component was NaN or inf (``nonfinite_loss="stop"``); raised before its backward pass."""
+
+
+def _fail_together(error: BaseException | None, world_size: int) -> None:
+    """Raise on every process when one failed: the first failure's message, this process's own error where it has one."""
+    messages = distributed.gather_messages(None if error is None else str(error), world_size)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise InputError(f"process {rank} of {world_size} refused to start, so every process stops: {message}")
 
 
 def load_teacher(teacher_model, task: str) -> PreTrainedModel:
@@ -135,17 +146,31 @@ class DistillationTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("model_init is not supported by DistillationTrainer: pass the student as model.")
         # Everything is checked before Trainer.__init__, which creates output_dir.
-        self.task = detect_task(model)
-        teacher = load_teacher(teacher_model, self.task)
-        self._check_pair(unwrap(model), unwrap(teacher), args)
-        self._check_placement(unwrap(model), unwrap(teacher))
-        if teacher_tokenizer is None and self._teacher_folder(teacher_model):
-            teacher_tokenizer = _load_tokenizer(self._teacher_folder(teacher_model))
-        _check_tokenizers(kwargs.get("processing_class"), teacher_tokenizer)
-        self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
+        problem = distributed.launch_problem(args.world_size)  # args.world_size sets up the processes
+        if problem:
+            raise InputError(problem)
+        hint = distributed.single_cpu_launch_hint(args.world_size)
+        if hint:
+            logger.warning(hint)
+        failure = None
+        try:
+            self.task = detect_task(model)
+            teacher = load_teacher(teacher_model, self.task)
+            self._check_pair(unwrap(model), unwrap(teacher), args)
+            self._check_placement(unwrap(model), unwrap(teacher))
+            if teacher_tokenizer is None and self._teacher_folder(teacher_model):
+                teacher_tokenizer = _load_tokenizer(self._teacher_folder(teacher_model))
+            _check_tokenizers(kwargs.get("processing_class"), teacher_tokenizer)
+            self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            failure = err
+        # A check that fails on one process only (a teacher folder missing on one node, weights on the meta
+        # device on all but the first) must stop every process, or the others wait in their first collective.
+        _fail_together(failure, args.world_size)
         teacher.eval()
         teacher.requires_grad_(False)
         self.teacher = teacher
+        self._teacher_class = type(teacher).__name__  # FSDP renames the class of a module it shards
         self.projections = self._build_projections(unwrap(model), teacher, args)
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._component_sums: dict[str, torch.Tensor] = {}
@@ -162,11 +187,38 @@ class DistillationTrainer(Trainer):
         # Our losses are sums divided by counts over the whole accumulation window (and all
         # processes), so Trainer must not divide them again by the accumulation steps.
         self.loss_is_scaled_for_ga = True
-        self.teacher.to(device=self.args.device, dtype=self._teacher_dtype(unwrap(model)))
+        if self._backend.shards_models:  # read the whole teacher once, before it is split over the processes
+            self._remember_teacher()
+        # What the teacher's forward passes call: the teacher, or the DeepSpeed engine that partitions it.
+        self._teacher_runner = distributed.place_teacher(
+            self.teacher, self._backend, self.accelerator, self.args, self._teacher_dtype(unwrap(model))
+        )
         self.projections.to(self.args.device)
         self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
 
     # ------------------------------------------------------------------ checks and set-up
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's accelerator, then the backend checks (still before anything is written to output_dir)."""
+        super().create_accelerator_and_postprocess()
+        self._backend = distributed.backend_of(self.accelerator)
+        problems = distributed.backend_problems(self._backend, self.accelerator, self.args, len(self.projections))
+        if problems:  # the launcher's configuration, the same on every process: every process refuses
+            raise InputError(f"Cannot distil under {self._backend.name}:\n  - " + "\n  - ".join(problems))
+
+    def _remember_teacher(self) -> None:
+        """Hash, size and count the teacher's weights while one process can still read them all (see `hub`)."""
+        from .report import size_on_disk_mb
+
+        teacher = self.teacher
+        state = distributed.GatheredState(teacher) if distributed.is_partitioned(teacher) else teacher
+        self._card_cache["teacher_sha256"] = hub.weights_sha256(state)
+        self._card_cache["teacher_parameters"] = distributed.parameter_count(teacher)
+        source = teacher.config.name_or_path
+        if source and Path(source).is_dir() and size_on_disk_mb(source) > 0:
+            self._card_cache["teacher_size"] = (size_on_disk_mb(source), "the weight files of its folder")
+        elif not distributed.is_partitioned(teacher):
+            self._card_cache["teacher_size"] = (hub.weights_size_mb(teacher), "its weights in their dtype")
+
     def _check_pair(self, student, teacher, args: DistillationConfig) -> None:
         problems = []
         teacher_task = detect_task(teacher)
@@ -252,11 +304,14 @@ class DistillationTrainer(Trainer):
                 )
 
     def _teacher_dtype(self, student) -> torch.dtype | None:
-        """`teacher_dtype`: "auto" follows the student's floating dtype, else the named dtype."""
+        """`teacher_dtype`: "auto" follows the student's floating dtype (under DeepSpeed, the dtype its engine gives
+        the student), else the named dtype."""
         if getattr(self.teacher, "is_quantized", False):  # quantized weights cannot be cast; keep them
             return None
         if self.args.teacher_dtype != "auto":
             return getattr(torch, self.args.teacher_dtype)
+        if self._backend.kind == distributed.DEEPSPEED:
+            return distributed.PRECISION_DTYPES.get(distributed.run_precision(self.accelerator), torch.float32)
         floats = [p.dtype for p in student.parameters() if p.is_floating_point()]
         return floats[0] if floats else torch.float32
 
@@ -375,7 +430,7 @@ class DistillationTrainer(Trainer):
         student = unwrap(self.accelerator.unwrap_model(self.model))
         text = student.config.get_text_config()
         return {
-            "teacher": {"class": type(self.teacher).__name__, "weights_sha256": self._teacher_sha256()},
+            "teacher": {"class": self._teacher_class, "weights_sha256": self._teacher_sha256()},
             "student": {
                 "class": type(student).__name__,
                 "config_class": type(student.config).__name__,
@@ -481,13 +536,22 @@ class DistillationTrainer(Trainer):
         }
 
     def _clip_grad_norm(self, model):
-        """Clip the student's and the projections' gradients together (Trainer sees the student alone)."""
-        from accelerate.utils import DistributedType
+        """Clip the student's and the projections' gradients together (Trainer sees the student alone).
 
-        if not len(self.projections) or self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        Projections exist only in one process or under DDP (GPUs or CPU processes); FSDP and DeepSpeed refuse them.
+        """
+        if not len(self.projections) or self._backend.kind not in (distributed.SINGLE, distributed.DDP):
             return super()._clip_grad_norm(model)
         params = [*model.parameters(), *self.projections.parameters()]
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # After the window's last backward pass (when DDP reduces the student's gradients), average the
+        # projections' gradients too: they are outside the wrapped student, and each process's differ.
+        if len(self.projections) and self.accelerator.sync_gradients:
+            distributed.average_gradients(self.projections.parameters(), self.accelerator)
+        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # Called once per optimizer step, before its micro-batches. Trainer zeroes the student's gradients
@@ -556,8 +620,8 @@ class DistillationTrainer(Trainer):
         s_out = model(**model_inputs, **extra)
         t_out = None
         if args.uses_teacher_logits or need_hidden or need_attn:
-            with torch.no_grad(), self.accelerator.autocast():
-                t_out = self.teacher(**model_inputs, **extra)
+            with torch.no_grad(), self.accelerator.autocast():  # mixed precision reaches the teacher too
+                t_out = self._teacher_runner(**model_inputs, **extra)
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device, dtype=torch.float32)
@@ -615,7 +679,13 @@ class DistillationTrainer(Trainer):
             total = total + args.attention_weight * attn
 
         # One sync per micro-batch, as Trainer's own logging_nan_inf_filter check already costs.
-        if not torch.isfinite(total):
+        finite = bool(torch.isfinite(total))
+        if args.nonfinite_loss == "stop" and self.args.world_size > 1:
+            # Stopping is collective: a process that raised alone would leave the others waiting in the
+            # backward pass's all-reduce. One scalar all-reduce per micro-batch.
+            if distributed.any_process(not finite, self.accelerator):
+                self._stop_nonfinite(components, s_out, t_out, here=not finite)
+        elif not finite:
             return self._nonfinite(model, components, s_out, t_out, return_outputs)
         for name, value in components.items():
             self._component_sums[name] = self._component_sums.get(name, 0.0) + value.detach().float()
@@ -623,8 +693,8 @@ class DistillationTrainer(Trainer):
         total = total * self.args.world_size
         return (total, s_out) if return_outputs else total
 
-    def _nonfinite(self, model, components, s_out, t_out, return_outputs):
-        """A NaN/inf loss: stop with the step and the component, or drop this micro-batch's gradient."""
+    def _nonfinite_message(self, components, s_out, t_out) -> tuple[str, list[str]]:
+        """What was not finite at which step, and where it came from."""
         step = self.state.global_step + 1  # the optimizer step being computed
         bad = [name for name, v in components.items() if not torch.isfinite(v).all()] or ["loss (total)"]
         sources = []
@@ -637,13 +707,30 @@ class DistillationTrainer(Trainer):
                 if any(torch.is_tensor(t) and not torch.isfinite(t).all() for t in tensors):
                     sources.append(f"the {who}'s {key}")
         where = f" ({', '.join(sources)} hold NaN/inf)" if sources else ""
-        message = f"non-finite {', '.join(bad)} at step {step}{where}"
+        return f"non-finite {', '.join(bad)} at step {step}{where}", bad
+
+    def _stop_nonfinite(self, components, s_out, t_out, here: bool = True):
+        """nonfinite_loss="stop": raise, on every process with the same message when there are several."""
+        message = self._nonfinite_message(components, s_out, t_out)[0] if here else None
+        world = self.args.world_size
+        if world > 1:
+            reports = distributed.gather_messages(message, world)
+            message = "; ".join(f"{m} on process {rank} of {world}" for rank, m in enumerate(reports) if m)
+        raise NonFiniteLossError(
+            f"{message}. Training stopped before this step's backward pass"
+            + (" on every process" if world > 1 else "")
+            + "; no checkpoint was written after it. Lower learning_rate or the temperature, check the data of "
+            "this step, use bf16 instead of fp16, or set nonfinite_loss='skip' to drop such batches."
+        )
+
+    def _nonfinite(self, model, components, s_out, t_out, return_outputs):
+        """A NaN/inf loss: stop with the step and the component, or drop this micro-batch's gradient."""
         if self.args.nonfinite_loss == "stop":
-            raise NonFiniteLossError(
-                f"{message}. Training stopped before this step's backward pass; no checkpoint was written after "
-                "it. Lower learning_rate or the temperature, check the data of this step, use bf16 instead of fp16, "
-                "or set nonfinite_loss='skip' to drop such batches."
-            )
+            self._stop_nonfinite(components, s_out, t_out)
+        message, bad = self._nonfinite_message(components, s_out, t_out)
+        step = self.state.global_step + 1
+        # Not collective: the zero below reaches every student parameter, so DDP's all-reduce still runs here,
+        # and the projections' gradients are averaged whether or not this process has any.
         logger.warning("%s: this batch's gradient is dropped (nonfinite_loss='skip').", message)
         self.skipped_steps.append((step, ", ".join(bad)))
         # A zero connected to every trainable parameter: backward gives exact zero gradients (and DDP sees them all).
@@ -654,14 +741,21 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._component_sums:
+        if "loss" in logs:  # a training log: Trainer logs it on every process at the same step
             steps = max(self._steps_since_log, 1)
-            for name in COMPONENTS:
-                if name in self._component_sums:
-                    value = torch.as_tensor(self._component_sums[name], device=self.args.device)
-                    if self.args.world_size > 1:
-                        value = self.accelerator.reduce(value, "sum")
-                    logs[name] = value.item() / steps
+            device = self.args.device
+            sums = [torch.as_tensor(self._component_sums.get(name, 0.0), dtype=torch.float32, device=device)
+                    for name in COMPONENTS]
+            seen = [float(name in self._component_sums) for name in COMPONENTS]
+            # One all-reduce of a fixed-size vector: every process takes part even where a component is absent
+            # (a micro-batch skipped as non-finite). Each process holds its items' share of the whole batch's
+            # mean (the normalisers count every process's items), so the sum over processes is that mean:
+            # the number one process with the whole batch logs.
+            totals = distributed.sum_over_processes(torch.cat([torch.stack(sums), torch.tensor(seen, device=device)]),
+                                                    self.accelerator).tolist()
+            for i, name in enumerate(COMPONENTS):
+                if totals[len(COMPONENTS) + i] > 0:
+                    logs[name] = totals[i] / steps
             self._component_sums = {}
             self._steps_since_log = 0
         super().log(logs, start_time)
@@ -692,7 +786,7 @@ class DistillationTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self._evaluating_teacher:
-            model = self.teacher
+            model = self._teacher_runner
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -844,9 +938,14 @@ class DistillationTrainer(Trainer):
             self.evaluate_teacher()
 
     def _teacher_sha256(self) -> str:
-        if "teacher_sha256" not in self._card_cache:
+        if "teacher_sha256" not in self._card_cache:  # filled at start-up when the teacher is sharded
             self._card_cache["teacher_sha256"] = hub.weights_sha256(self.teacher)
         return self._card_cache["teacher_sha256"]
+
+    def _teacher_parameters(self) -> int:
+        if "teacher_parameters" not in self._card_cache:
+            self._card_cache["teacher_parameters"] = distributed.parameter_count(self.teacher)
+        return self._card_cache["teacher_parameters"]
 
     def _provenance(self, overrides: dict | None = None) -> dict:
         """What made the student: versions, command, teacher (name, revision, weights hash), settings, config."""
@@ -855,7 +954,6 @@ class DistillationTrainer(Trainer):
         import transformers
 
         from . import __version__
-        from .report import count_parameters
 
         info = self.card_info or hub.CardInfo()
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -894,8 +992,8 @@ class DistillationTrainer(Trainer):
                 "note": info.teacher_note,
                 "loaded_from": loaded_from,
                 "revision": getattr(self.teacher.config, "_commit_hash", None),
-                "class": type(self.teacher).__name__,
-                "parameters": count_parameters(self.teacher),
+                "class": self._teacher_class,
+                "parameters": self._teacher_parameters(),
                 "weights_sha256": self._teacher_sha256(),
             },
             "student": {
@@ -903,7 +1001,7 @@ class DistillationTrainer(Trainer):
                 "class": type(student).__name__,
                 "adapter": student is not wrapped,  # a PEFT model: the folder holds the adapter only
                 "base_model": base_model,
-                "parameters": count_parameters(student),
+                "parameters": distributed.parameter_count(student),
             },
             "distillation": kd,
             "data": {
@@ -948,22 +1046,22 @@ class DistillationTrainer(Trainer):
         return {k: v for k, v in self._split_inputs(batch).items() if torch.is_tensor(v)}
 
     def _measurements(self, folder, latency: bool) -> dict:
-        from .report import count_parameters, measure_latency_ms, size_on_disk_mb
+        from .report import measure_latency_ms, size_on_disk_mb
 
         student = unwrap(self.accelerator.unwrap_model(self.model))
-        if "teacher_size" not in self._card_cache:
+        if "teacher_size" not in self._card_cache and not self._backend.shards_models:
             source = self.teacher.config.name_or_path
             if source and Path(source).is_dir() and size_on_disk_mb(source) > 0:
                 self._card_cache["teacher_size"] = (size_on_disk_mb(source), "the weight files of its folder")
             else:
                 self._card_cache["teacher_size"] = (hub.weights_size_mb(self.teacher), "its weights in their dtype")
-        t_size, t_source = self._card_cache["teacher_size"]
+        t_size, t_source = self._card_cache.get("teacher_size", (None, "unknown: the teacher was partitioned at load"))
         out = {
             "device": str(self.args.device),
             "threads": torch.get_num_threads(),
             "batch_sizes": [],
-            "student": {"parameters": count_parameters(student), "size_mb": size_on_disk_mb(folder)},
-            "teacher": {"parameters": count_parameters(self.teacher), "size_mb": t_size, "size_source": t_source},
+            "student": {"parameters": distributed.parameter_count(student), "size_mb": size_on_disk_mb(folder)},
+            "teacher": {"parameters": self._teacher_parameters(), "size_mb": t_size, "size_source": t_source},
         }
         cached = self._card_cache.get("latency")
         if latency and (cached is None or cached[0] != self.state.global_step):
@@ -989,7 +1087,10 @@ class DistillationTrainer(Trainer):
         record = self._provenance(overrides)
         record["model_name"] = record["model_name"] or Path(folder).absolute().name
         record["evaluation"] = self._card_evaluation(record["data"]["eval_split"])
-        record["measurements"] = self._measurements(folder, latency=measure and info.measure_latency)
+        # Only the main process writes the card: models split over the processes cannot run a forward pass
+        # on it alone (the others would never join), so their latency is not measured.
+        latency = measure and info.measure_latency and not self._backend.shards_models
+        record["measurements"] = self._measurements(folder, latency=latency)
         hub.write_provenance(folder, record)
         hub.render_card(record).save(Path(folder) / hub.CARD_NAME)
 

