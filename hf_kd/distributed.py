@@ -213,11 +213,6 @@ def average_gradients(params: Iterable[nn.Parameter], accelerator) -> None:
 
 
 # ---------------------------------------------------------------------------- the teacher
-def parameter_count(model: nn.Module) -> int:
-    """Parameters of a model, also when ZeRO-3 has partitioned them (then `numel()` is 0 and `ds_numel` holds it)."""
-    return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()))
-
-
 def is_partitioned(model: nn.Module) -> bool:
     """The weights were partitioned by DeepSpeed ZeRO-3 (e.g. loaded under its zero.Init)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())

@@ -47,8 +47,9 @@ _NOT_WEIGHTS = {"training_args.bin"}
 
 
 def count_parameters(model) -> int:
-    """Number of parameters (tied weights counted once, as ``model.parameters()`` yields them)."""
-    return int(sum(p.numel() for p in model.parameters()))
+    """Number of parameters (tied weights counted once, as ``model.parameters()`` yields them), also when
+    DeepSpeed ZeRO-3 has partitioned them (then ``numel()`` is 0 and ``ds_numel`` holds the full count)."""
+    return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()))
 
 
 def size_on_disk_mb(folder: str | os.PathLike) -> float:

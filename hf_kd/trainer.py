@@ -22,6 +22,7 @@ from . import distributed, hub
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
+from .report import count_parameters
 from .tasks import TOKEN_TASKS, auto_class, detect_task, unwrap
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class DistillationTrainer(Trainer):
         teacher = self.teacher
         state = distributed.GatheredState(teacher) if distributed.is_partitioned(teacher) else teacher
         self._card_cache["teacher_sha256"] = hub.weights_sha256(state)
-        self._card_cache["teacher_parameters"] = distributed.parameter_count(teacher)
+        self._card_cache["teacher_parameters"] = count_parameters(teacher)
         source = teacher.config.name_or_path
         if source and Path(source).is_dir() and size_on_disk_mb(source) > 0:
             self._card_cache["teacher_size"] = (size_on_disk_mb(source), "the weight files of its folder")
@@ -944,7 +945,7 @@ class DistillationTrainer(Trainer):
 
     def _teacher_parameters(self) -> int:
         if "teacher_parameters" not in self._card_cache:
-            self._card_cache["teacher_parameters"] = distributed.parameter_count(self.teacher)
+            self._card_cache["teacher_parameters"] = count_parameters(self.teacher)
         return self._card_cache["teacher_parameters"]
 
     def _provenance(self, overrides: dict | None = None) -> dict:
@@ -1001,7 +1002,7 @@ class DistillationTrainer(Trainer):
                 "class": type(student).__name__,
                 "adapter": student is not wrapped,  # a PEFT model: the folder holds the adapter only
                 "base_model": base_model,
-                "parameters": distributed.parameter_count(student),
+                "parameters": count_parameters(student),
             },
             "distillation": kd,
             "data": {
@@ -1060,7 +1061,7 @@ class DistillationTrainer(Trainer):
             "device": str(self.args.device),
             "threads": torch.get_num_threads(),
             "batch_sizes": [],
-            "student": {"parameters": distributed.parameter_count(student), "size_mb": size_on_disk_mb(folder)},
+            "student": {"parameters": count_parameters(student), "size_mb": size_on_disk_mb(folder)},
             "teacher": {"parameters": self._teacher_parameters(), "size_mb": t_size, "size_source": t_source},
         }
         cached = self._card_cache.get("latency")
