@@ -30,7 +30,7 @@ from transformers import (
 
 from . import __version__
 from .config import DistillationConfig
-from .hub import CardInfo
+from .hub import CardInfo, card_metrics
 from .metrics import load_metric
 from .offline import resolve_dataset, resolve_model
 from .student import student_from_teacher
@@ -335,8 +335,11 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     if held_out is not None:
         say(f"evaluating on {len(held_out)} held-out rows")
         for name, (model, _) in models.items():
-            results.setdefault(name if name != "teacher" else "teacher_model", {})["accuracy"] = accuracy(
-                model, held_out, collator
+            # save_model() already evaluated the distilled student and the teacher on held_out for the model
+            # card (same data, same metric): reuse those numbers instead of a second pass over the split.
+            done = _card_accuracy(trainer, {"distilled": "student", "teacher": "teacher"}.get(name))
+            results.setdefault(name if name != "teacher" else "teacher_model", {})["accuracy"] = (
+                done if done is not None else accuracy(model, held_out, collator)
             )
     if run_args.report and held_out is not None and trainer.is_world_process_zero():
         results["report"] = _report(models, results, held_out, collator, trainer, config, model_args, data_args)
@@ -347,6 +350,14 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
             say(f"{name:>13s} accuracy: {results[name]['accuracy']:.4f}")
     say(f"student saved to {config.output_dir}")
     return results
+
+
+def _card_accuracy(trainer, role: str | None) -> float | None:
+    """The accuracy that `save_model` computed for the card: the teacher's, or the student's at its final step."""
+    entry = trainer._evaluations.get(role) if role else None
+    if entry is None or (role == "student" and entry[0] != trainer.state.global_step):
+        return None
+    return card_metrics(entry[2], entry[1]).get("accuracy")
 
 
 def _report(models, results, held_out, collator, trainer, config, model_args, data_args) -> dict:

@@ -23,6 +23,11 @@ def test_default_pipeline_on_a_slice_of_the_real_reviews(tmp_path):
     assert results["distilled"]["steps"] == results["baseline"]["steps"] == 5  # ceil(160 / 32), one epoch
     for name in ("teacher_model", "distilled", "baseline"):
         assert 0.0 <= results[name]["accuracy"] <= 1.0
+    # The card's evaluation (Trainer.evaluate at save time) is the one the results report, on the same rows.
+    card = json.loads((out / "hf_kd_provenance.json").read_text())["evaluation"]
+    assert card["rows"] == 64
+    assert card["student"]["accuracy"] == results["distilled"]["accuracy"]
+    assert card["teacher"]["accuracy"] == results["teacher_model"]["accuracy"]
     report = (out / "report.md").read_text()
     for needle in ("teacher", "distilled", "baseline", "Gap recovered", "kd_loss", "hidden_loss", "attention_loss"):
         assert needle in report
