@@ -176,18 +176,16 @@ def gather_messages(message: str | None, world_size: int) -> list[str | None]:
     return messages
 
 
-def any_process(flag: bool, accelerator) -> bool:
-    """True on every process when `flag` is True on at least one: one scalar all-reduce."""
-    if accelerator.num_processes <= 1:
-        return flag
-    value = torch.tensor(float(flag), device=accelerator.device)
-    return bool(accelerator.reduce(value, "sum").item() > 0)
-
-
 def sum_over_processes(tensor: torch.Tensor, accelerator) -> torch.Tensor:
     if accelerator.num_processes <= 1:
         return tensor
     return accelerator.reduce(tensor, "sum")
+
+
+def any_process(flag: bool, accelerator) -> bool:
+    """True on every process when `flag` is True on at least one: one scalar all-reduce."""
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(sum_over_processes(value, accelerator).item() > 0)
 
 
 def average_gradients(params: Iterable[nn.Parameter], accelerator) -> None:
