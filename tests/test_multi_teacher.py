@@ -134,7 +134,7 @@ def test_trainer_kd_loss_is_the_loss_against_the_weighted_mixture(tmp_path):
     with torch.no_grad():
         s, a, b = student(**inputs).logits, t1(**inputs).logits, t2(**inputs).logits
     expected = _mixture_loss(s, [a, b], [0.25, 0.75], "forward_kl", 2.0)
-    assert expected > 1e-2 and got == pytest.approx(expected, rel=1e-5)
+    assert expected > 1e-4 and got == pytest.approx(expected, rel=1e-5)
     # Weight 0 for the second teacher is the first teacher alone.
     args0 = make_args(tmp_path, teacher_weights=[1.0, 0.0], temperature=2.0, alpha=1.0)
     trainer0 = DistillationTrainer(model=student, teacher_model=[t1, t2], args=args0,
