@@ -168,7 +168,7 @@ class DistillationTrainer(Trainer):
             self.task = detect_task(model)
             model = self._prepare_student(model, args)
             loaded = self._load_teachers(sources, args)
-            for source, teacher in zip(sources, loaded):  # the first teacher last: it sets the layer pairs
+            for source, teacher in reversed(list(zip(sources, loaded))):  # the first last: its pairs stay
                 self._check_pair(unwrap(model), unwrap(teacher), args)
                 self._check_placement(unwrap(model), unwrap(teacher))
                 tokenizer = teacher_tokenizer
@@ -176,8 +176,6 @@ class DistillationTrainer(Trainer):
                     tokenizer = _load_tokenizer(self._teacher_folder(source))
                 _check_tokenizers(kwargs.get("processing_class"), tokenizer)
                 self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
-            self._check_pair(unwrap(model), unwrap(loaded[0]), args)
-            teacher = loaded[0]
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         # A check that fails on one process only (a teacher folder missing on one node, weights on the meta
