@@ -18,7 +18,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .adapters import peft_config_dict
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES
+from .teachers import weight_problems
 
 LAYER_MAP_NAMES = ("uniform", "last")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -137,6 +139,28 @@ class DistillationConfig(TrainingArguments):
             "choices": list(NONFINITE_ACTIONS),
         },
     )
+    peft_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Train the student through a PEFT adapter (only the adapter and the task head train): a dict or "
+            'JSON such as {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]}, or a peft.LoraConfig. '
+            "peft_type defaults to LORA, task_type to the student's task. See hf_kd.adapters."
+        },
+    )
+    merge_adapter_on_save: bool = field(
+        default=False,
+        metadata={
+            "help": "With a PEFT student: save_model() writes a plain Transformers model with the adapter merged "
+            "(loadable without peft); default False saves the adapter alone. Checkpoints always hold the adapter."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers: one weight per teacher (>= 0, normalised to sum 1; default equal). The "
+            "logit target is the weighted mixture of the teachers' softened distributions (see hf_kd.teachers)."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -176,6 +200,12 @@ class DistillationConfig(TrainingArguments):
                 "teacher would be unused. Set alpha > 0 (e.g. 0.5) or a hidden/attention weight > 0; for "
                 "label-only training use transformers.Trainer."
             )
+        if self.peft_config is not None:
+            try:
+                self.peft_config = peft_config_dict(self.peft_config)
+            except ValueError as err:
+                problems.append(str(err))
+        problems += weight_problems(self.teacher_weights)
         if self.layer_map is None:
             self.layer_map = "uniform"
         try:

@@ -331,6 +331,7 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
     task = record.get("task")
     tag = PIPELINE_TAGS.get(task)
     teacher = record.get("teacher", {})
+    several = record.get("teachers") or []  # several teachers (hf_kd.teachers): the first is `teacher`
     student = record.get("student", {})
     data = record.get("data", {})
     evaluation = record.get("evaluation") or {}
@@ -371,13 +372,21 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         hf_kd={
             "version": record.get("hf_kd_version"),
             "teacher": {k: teacher.get(k) for k in ("name_or_path", "revision", "weights_sha256")},
+            **({"teachers": [{k: t.get(k) for k in ("name_or_path", "weights_sha256", "weight")} for t in several]}
+               if several else {}),
             "evaluation": {"split": split, "student": s_eval, "teacher": t_eval} if evaluation else None,
         },
     )
 
+    if several:  # their softened distributions averaged with these weights
+        teachers_text = "the teachers " + ", ".join(
+            f"{_link(t.get('name_or_path'))} (weight {t.get('weight', 0):.3g})" for t in several
+        )
+    else:
+        teachers_text = f"the teacher {_link(teacher.get('name_or_path'))}"
     lines = [f"# {name}", ""]
     lines += [
-        f"A {tag or task} model distilled from the teacher {_link(teacher.get('name_or_path'))} with hf_kd "
+        f"A {tag or task} model distilled from {teachers_text} with hf_kd "
         f"{record.get('hf_kd_version')} (knowledge distillation for Hugging Face Transformers). It is a plain "
         "Transformers model: the teacher, the projection heads and the training state are not part of it.",
         "",
@@ -446,7 +455,9 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
 
     lines += ["## How it was made", ""]
     settings = [
-        ["teacher", _link(teacher.get("name_or_path"))],
+        ["teacher", _link(teacher.get("name_or_path")) + (" (the first of several)" if several else "")],
+        *[[f"teacher {i + 1}", f"{_link(t.get('name_or_path'))}, weight {t.get('weight', 0):.3g}, sha256 "
+           f"`{t.get('weights_sha256')}`"] for i, t in enumerate(several)],
         ["teacher training", teacher.get("note") or "used as given"],
         ["teacher revision", f"`{teacher['revision']}`" if teacher.get("revision") else "n/a (not from the Hub)"],
         ["teacher weights sha256", f"`{teacher.get('weights_sha256')}`"],

@@ -266,6 +266,9 @@ def check_output_dir(config, run_args) -> None:
 
 def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> dict:
     check_output_dir(config, run_args)
+    if config.peft_config is not None and not config.merge_adapter_on_save:  # the report reloads plain models
+        raise SystemExit("hf-kd: a recipe with peft_config needs merge_adapter_on_save: true (the report reloads the "
+                         "saved student as a Transformers model).")
     torch.manual_seed(config.seed)
     teacher_source = resolve_model(model_args.teacher_model_name_or_path)
     say(f"loading tokenizer and data ({data_args.dataset_name})")

@@ -6,6 +6,7 @@ pure functions of `hf_kd.losses`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
-from . import distributed, hub
+from . import adapters, distributed, hub, teachers
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -81,6 +82,11 @@ def load_teacher(teacher_model, task: str) -> PreTrainedModel:
     path = resolve_model(str(teacher_model))
     cls = auto_class(task)
     local = os.path.expanduser(path)
+    if adapters.is_adapter_folder(local):  # base model + adapter, merged (the teacher is frozen)
+        teacher, problem = adapters.load_adapter_teacher(local, task, cls)
+        if problem:
+            raise InputError(f"Cannot load the teacher {teacher_model!r}: {problem}")
+        return teacher
     if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
         raise InputError(
             f"The teacher folder {teacher_model!r} has no config.json: it is not a model saved with save_pretrained. "
@@ -125,8 +131,11 @@ class DistillationTrainer(Trainer):
     """`transformers.Trainer` that trains `model` (the student) to match `teacher_model`.
 
     Args:
-        model: the student, a transformers model with a task head (or a PEFT model around one).
-        teacher_model: a `PreTrainedModel`, or a name/path loaded with the Auto class of the student's task.
+        model: the student, a transformers model with a task head (or a PEFT model around one; with
+            ``args.peft_config`` the trainer wraps it, see `hf_kd.adapters`).
+        teacher_model: a `PreTrainedModel` (or a PEFT model), or a name/path loaded with the Auto class of the
+            student's task (a folder holding an adapter loads as base + adapter, merged); or a list of these:
+            several teachers, weighted by ``args.teacher_weights`` (see `hf_kd.teachers`).
         args: a `DistillationConfig`.
         **kwargs: everything `transformers.Trainer` takes (datasets, collator, processing_class, callbacks...).
 
@@ -154,23 +163,31 @@ class DistillationTrainer(Trainer):
         if hint:
             logger.warning(hint)
         failure = None
+        sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
         try:
             self.task = detect_task(model)
-            teacher = load_teacher(teacher_model, self.task)
-            self._check_pair(unwrap(model), unwrap(teacher), args)
-            self._check_placement(unwrap(model), unwrap(teacher))
-            if teacher_tokenizer is None and self._teacher_folder(teacher_model):
-                teacher_tokenizer = _load_tokenizer(self._teacher_folder(teacher_model))
-            _check_tokenizers(kwargs.get("processing_class"), teacher_tokenizer)
-            self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
+            model = self._prepare_student(model, args)
+            loaded = self._load_teachers(sources, args)
+            for source, teacher in reversed(list(zip(sources, loaded))):  # the first last: its pairs stay
+                self._check_pair(unwrap(model), unwrap(teacher), args)
+                self._check_placement(unwrap(model), unwrap(teacher))
+                tokenizer = teacher_tokenizer
+                if tokenizer is None and self._teacher_folder(source):
+                    tokenizer = _load_tokenizer(self._teacher_folder(source))
+                _check_tokenizers(kwargs.get("processing_class"), tokenizer)
+                self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         # A check that fails on one process only (a teacher folder missing on one node, weights on the meta
         # device on all but the first) must stop every process, or the others wait in their first collective.
         _fail_together(failure, args.world_size)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        self.teacher = teacher
+        for t in loaded:
+            t.eval()
+            t.requires_grad_(False)
+        self.teacher = teacher  # the first teacher: layer pairs, evaluation and the card's main entry
+        self.teachers = loaded
+        self.teacher_weights = teachers.normalise_weights(args.teacher_weights, len(loaded))
+        self._teacher_sources = [str(t) if isinstance(t, (str, os.PathLike)) else None for t in sources]
         self._teacher_class = type(teacher).__name__  # FSDP renames the class of a module it shards
         self.projections = self._build_projections(unwrap(model), teacher, args)
         self._window_counts: dict[str, torch.Tensor] | None = None
@@ -178,7 +195,7 @@ class DistillationTrainer(Trainer):
         self._steps_since_log = 0  # optimizer steps whose components are in _component_sums (also after a resume)
         self._projections_in_optimizer = False
         # Publishing (hf_kd.hub): the teacher as named by the caller, evaluations for the card, cached facts.
-        self._teacher_source = str(teacher_model) if isinstance(teacher_model, (str, os.PathLike)) else None
+        self._teacher_source = self._teacher_sources[0]
         self._evaluating_teacher = False
         self._evaluations: dict[str, tuple[int, str, dict]] = {}
         self._card_cache: dict = {}
@@ -190,10 +207,13 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         if self._backend.shards_models:  # read the whole teacher once, before it is split over the processes
             self._remember_teacher()
+            self._teacher_records()
         # What the teacher's forward passes call: the teacher, or the DeepSpeed engine that partitions it.
-        self._teacher_runner = distributed.place_teacher(
-            self.teacher, self._backend, self.accelerator, self.args, self._teacher_dtype(unwrap(model))
-        )
+        self._teacher_runners = [
+            distributed.place_teacher(t, self._backend, self.accelerator, self.args, self._teacher_dtype(unwrap(model)))
+            for t in self.teachers
+        ]
+        self._teacher_runner = self._teacher_runners[0]
         self.projections.to(self.args.device)
         self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
 
@@ -293,6 +313,41 @@ class DistillationTrainer(Trainer):
 
         path = os.path.expanduser(resolve_model(str(teacher_model)))
         return path if os.path.isdir(path) else None
+
+    def _prepare_student(self, model, args: DistillationConfig):
+        """The student as trained: wrapped with ``args.peft_config`` when set (see `hf_kd.adapters`)."""
+        if args.peft_config is not None and adapters.is_peft_model(model):
+            raise InputError(
+                "the student is already a peft.PeftModel and peft_config is set too: unset peft_config to train the "
+                "model's own adapter, or pass the plain transformers model to have peft_config's adapter added."
+            )
+        if args.merge_adapter_on_save and args.peft_config is None and not adapters.is_peft_model(model):
+            logger.warning("merge_adapter_on_save=True has no effect: the student has no adapter (no peft_config).")
+        return adapters.wrap_student(model, args.peft_config, self.task)
+
+    def _load_teachers(self, sources: list, args: DistillationConfig) -> list:
+        """Every teacher loaded, and the refusals that concern several teachers (before any model check)."""
+        if not sources:
+            raise InputError("teacher_model is an empty list; give at least one teacher.")
+        if args.teacher_weights is not None and len(args.teacher_weights) != len(sources):
+            raise InputError(
+                f"teacher_weights has {len(args.teacher_weights)} values for {len(sources)} teachers; give one weight "
+                "per teacher, in the order of teacher_model (or leave it unset for equal weights)."
+            )
+        if len(sources) > 1 and (args.uses_hidden or args.uses_attention):
+            raise InputError(
+                f"hidden_weight and attention_weight need a single teacher, and {len(sources)} are given: the layers "
+                "of several teachers do not average (depths and widths differ). Set hidden_weight=0 and "
+                "attention_weight=0 (the logits of all teachers are averaged), or distil from one teacher."
+            )
+        loaded = [load_teacher(source, self.task) for source in sources]
+        if len(loaded) > 1:
+            names = [str(s) if isinstance(s, (str, os.PathLike)) else type(unwrap(t)).__name__
+                     for s, t in zip(sources, loaded)]
+            problems = teachers.compatibility_problems([unwrap(t) for t in loaded], self.task, names)
+            if problems:
+                raise InputError("Cannot average these teachers:\n  - " + "\n  - ".join(problems))
+        return loaded
 
     def _check_placement(self, student, teacher) -> None:
         """Weights that were never loaded cannot be moved; say so here rather than deep inside `.to()`."""
@@ -431,7 +486,11 @@ class DistillationTrainer(Trainer):
         student = unwrap(self.accelerator.unwrap_model(self.model))
         text = student.config.get_text_config()
         return {
-            "teacher": {"class": self._teacher_class, "weights_sha256": self._teacher_sha256()},
+            "teacher": {
+                "class": self._teacher_class, "weights_sha256": self._teacher_sha256(),
+                **({"all_weights_sha256": [r["weights_sha256"] for r in self._teacher_records()],
+                    "weights": self.teacher_weights} if len(self.teachers) > 1 else {}),
+            },
             "student": {
                 "class": type(student).__name__,
                 "config_class": type(student.config).__name__,
@@ -598,14 +657,28 @@ class DistillationTrainer(Trainer):
             labels = labels[:, 1:] if labels is not None else None
         return _Targets([s_logits], [t_logits], [labels], self._logit_mask(inputs), None)
 
+    def _teacher_target(self, inputs, model_inputs, extra):
+        """The teacher's outputs; with several teachers, one output whose logits are their mixture target
+        (`hf_kd.teachers.combine_outputs`), the first teacher's other fields."""
+        with torch.no_grad(), self.accelerator.autocast():  # mixed precision reaches the teacher too
+            outputs = [runner(**model_inputs, **extra) for runner in self._teacher_runners]
+        if len(outputs) == 1:
+            return outputs[0]
+        class_mask = self._token_mask(inputs) if self.task == "question_answering" else None
+        return teachers.combine_outputs(
+            outputs, self.teacher_weights, kind=self.args.kd_loss, temperature=self.args.temperature,
+            class_mask=class_mask,
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             # Evaluation reports the student's own task loss; the teacher is not run.
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         args: DistillationConfig = self.args
-        if self.teacher.training:  # someone called .train() on it: the teacher stays in eval mode
-            self.teacher.eval()
+        for teacher in self.teachers:
+            if teacher.training:  # someone called .train() on it: the teacher stays in eval mode
+                teacher.eval()
         if self._window_counts is not None:
             counts = self._window_counts
         else:  # called outside Trainer's loop: normalise over this batch alone
@@ -621,8 +694,7 @@ class DistillationTrainer(Trainer):
         s_out = model(**model_inputs, **extra)
         t_out = None
         if args.uses_teacher_logits or need_hidden or need_attn:
-            with torch.no_grad(), self.accelerator.autocast():  # mixed precision reaches the teacher too
-                t_out = self._teacher_runner(**model_inputs, **extra)
+            t_out = self._teacher_target(inputs, model_inputs, extra)
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device, dtype=torch.float32)
@@ -795,6 +867,25 @@ class DistillationTrainer(Trainer):
         if self.args.should_save:  # every save, checkpoints too: what made these weights
             hub.write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._provenance())
 
+    @contextlib.contextmanager
+    def _student_as_saved(self, final: bool):
+        """``merge_adapter_on_save``: during a final save (not a checkpoint), ``self.model`` is a copy of the PEFT
+        student with its adapter merged, so the folder holds a plain Transformers model; training is unaffected."""
+        student = self.accelerator.unwrap_model(self.model)
+        if not (final and self.args.merge_adapter_on_save and adapters.is_peft_model(student)):
+            yield
+            return
+        if self._backend.shards_models:
+            logger.warning("merge_adapter_on_save is not supported under %s: the adapter is saved.", self._backend.name)
+            yield
+            return
+        self._evaluate_for_card()  # on the student being trained; the merged copy computes the same function
+        model, self.model = self.model, adapters.merged_copy(student)
+        try:
+            yield
+        finally:
+            self.model = model
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (config, safetensors, tokenizer) with its provenance, and, when called by the user
         (not for a checkpoint), its model card.
@@ -804,12 +895,13 @@ class DistillationTrainer(Trainer):
         With ``push_to_hub`` the folder is then pushed, as Trainer does. Call it on every process, as Trainer
         asks (evaluation is collective); only the main process writes.
         """
-        super().save_model(output_dir, _internal_call=True)
-        if _internal_call:
-            return
-        self._evaluate_for_card()
-        if self.args.should_save:
-            self._write_card(output_dir if output_dir is not None else self.args.output_dir)
+        with self._student_as_saved(final=not _internal_call):
+            super().save_model(output_dir, _internal_call=True)
+            if _internal_call:
+                return
+            self._evaluate_for_card()
+            if self.args.should_save:
+                self._write_card(output_dir if output_dir is not None else self.args.output_dir)
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -863,11 +955,12 @@ class DistillationTrainer(Trainer):
             tags = [tags] if isinstance(tags, str) else list(tags)
             kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
         # Everything is on disk before the Hub is contacted: a failed push loses nothing.
-        self.save_model(_internal_call=True)
-        self._evaluate_for_card()
-        if not self.is_world_process_zero():
-            return None
-        self.create_model_card(model_name=model_name, **kwargs)
+        with self._student_as_saved(final=True):
+            self.save_model(_internal_call=True)
+            self._evaluate_for_card()
+            if not self.is_world_process_zero():
+                return None
+            self.create_model_card(model_name=model_name, **kwargs)
         self._finish_current_push()
         return hub.push_student(
             self.args.output_dir,
@@ -948,6 +1041,21 @@ class DistillationTrainer(Trainer):
             self._card_cache["teacher_parameters"] = count_parameters(self.teacher)
         return self._card_cache["teacher_parameters"]
 
+    def _teacher_records(self) -> list[dict]:
+        """Name, class, parameters, weights hash and weight of every teacher (cached; computed before sharding)."""
+        if "teachers" not in self._card_cache:
+            records = []
+            for i, (teacher, source, weight) in enumerate(zip(self.teachers, self._teacher_sources, self.teacher_weights)):
+                records.append({
+                    "name_or_path": source or unwrap(teacher).config.name_or_path or type(unwrap(teacher)).__name__,
+                    "class": type(teacher).__name__,
+                    "parameters": self._teacher_parameters() if i == 0 else count_parameters(teacher),
+                    "weights_sha256": self._teacher_sha256() if i == 0 else hub.weights_sha256(teacher),
+                    "weight": weight,
+                })
+            self._card_cache["teachers"] = records
+        return self._card_cache["teachers"]
+
     def _provenance(self, overrides: dict | None = None) -> dict:
         """What made the student: versions, command, teacher (name, revision, weights hash), settings, config."""
         import datetime
@@ -997,6 +1105,7 @@ class DistillationTrainer(Trainer):
                 "parameters": self._teacher_parameters(),
                 "weights_sha256": self._teacher_sha256(),
             },
+            **({"teachers": self._teacher_records()} if len(self.teachers) > 1 else {}),
             "student": {
                 "init": info.student_init or f"the given model {student.config.name_or_path or type(student).__name__}",
                 "class": type(student).__name__,
