@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -267,3 +268,178 @@ def test_llama_projections_are_found_and_fused_ones_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=32, n_positions=16))
     with pytest.raises(ValueError, match="fused projections are not supported"):
         find_qkv_modules(gpt2, 2, [2], who="teacher")
+
+
+# --------------------------------------------------------------------------- trainer wiring
+def relation_args(tmp_path, **kw):
+    from hf_kd import DistillationConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, alpha=0.5,
+        attention_weight=1.0, attention_loss="minilm", layer_map=[[2, 3]], relation_weight=1.0,
+    )
+    base.update(kw)
+    return DistillationConfig(**base)
+
+
+def minilm_pair():
+    """Teacher: 4 layers, width 64, 4 heads; student: 2 layers, width 32, 2 heads (4 relation heads divide both)."""
+    from conftest import make_bert
+
+    return make_bert(layers=4, hidden=64, heads=4, seed=1), make_bert(layers=2, hidden=32, heads=2, seed=2)
+
+
+def fixed_dataset(n=8, pad_from=(10, 7, 5, 9, 10, 3, 8, 6)):
+    from conftest import ListDataset, random_batch, rows_from_batch
+
+    return ListDataset(rows_from_batch(random_batch("sequence_classification", batch=n, pad_from=list(pad_from))))
+
+
+def qkv_by_hand(model, inputs, layer):
+    """q, k, v of a BERT layer recomputed from the layer's input hidden state, without hooks."""
+    out = model(**inputs, output_hidden_states=True)
+    attn = model.bert.encoder.layer[layer - 1].attention.self
+    h = out.hidden_states[layer - 1]  # (B, T, D) the input of that layer
+    return [attn.query(h), attn.key(h), attn.value(h)], out.hidden_states[-1]
+
+
+@pytest.mark.parametrize("kind", ["rkd", "similarity"])
+def test_trainer_components_equal_the_functions_on_what_the_models_compute(tmp_path, kind):
+    from conftest import random_batch
+
+    teacher, student = minilm_pair()
+    from hf_kd import DistillationTrainer
+
+    args = relation_args(tmp_path, relation_loss=kind, relation_pooling="mean" if kind == "similarity" else "first")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    assert trainer.minilm_relation_heads == 4  # the teacher's heads divide 64 and 32
+    batch = random_batch("sequence_classification", batch=5, pad_from=[10, 6, 4, 8, 3])
+    student.train()
+    trainer.compute_loss(student, dict(batch))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    s_qkv, s_last = qkv_by_hand(student, inputs, 2)
+    with torch.no_grad():
+        t_qkv, t_last = qkv_by_hand(teacher, inputs, 3)
+    mask = batch["attention_mask"].bool()
+    expected = minilm_relation_loss(s_qkv, t_qkv, mask, 4)
+    assert trainer._component_sums["attention_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    if kind == "rkd":
+        s_emb, t_emb = s_last[:, 0], t_last[:, 0]  # [CLS]: right padding, so the first token
+        expected = rkd_distance_loss(s_emb, t_emb) + 2 * rkd_angle_loss(s_emb, t_emb)
+    else:
+        s_emb, t_emb = pool_examples(s_last, mask, "mean"), pool_examples(t_last, mask, "mean")
+        expected = batch_similarity_loss(s_emb, t_emb)
+    assert trainer._component_sums["relation_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_minilm_and_relations_train_log_decrease_and_leave_no_hook(tmp_path):
+    from conftest import forward_hooks
+
+    from hf_kd import DistillationTrainer
+
+    teacher, student = minilm_pair()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    # Random initial q/k/v give near-uniform relations, so the MiniLM loss starts small: weigh it up.
+    args = relation_args(tmp_path, max_steps=6, learning_rate=2e-3, relation_loss="rkd", attention_weight=100.0)
+    data = fixed_dataset()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                  eval_dataset=data)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 6
+    for name in ("attention_loss", "relation_loss", "kd_loss", "ce_loss"):
+        assert all(math.isfinite(e[name]) for e in logs)
+    for name in ("attention_loss", "relation_loss"):
+        values = [e[name] for e in logs]
+        assert all(b < a for a, b in zip(values, values[1:])), values
+        assert values[-1] < 0.7 * values[0], values
+    # No hook of ours is left on either model (transformers keeps its own output-capturing hooks).
+    for model in (student, teacher):
+        assert not [h for hooks in forward_hooks(model).values() for group in hooks for h in group
+                    if getattr(h, "__module__", "") == "hf_kd.relations"]
+        for trio in trainer._minilm_modules["student" if model is student else "teacher"].values():
+            assert all(not m._forward_hooks for m in trio)
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_relations_average_over_micro_batches_with_accumulation(tmp_path):
+    """Batch-level: the logged relation loss is the mean of the two micro-batches' own relation losses."""
+    from hf_kd import DistillationTrainer
+
+    teacher, student = minilm_pair()
+    args = relation_args(tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         train_sampling_strategy="sequential", attention_weight=0.0, relation_loss="rkd_distance")
+    data = fixed_dataset()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    student.eval()  # dropout is 0 anyway; the forward passes below see the weights before the step
+    expected = []
+    with torch.no_grad():
+        for rows in (data.rows[:4], data.rows[4:]):
+            batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+            s = student(**batch, output_hidden_states=True).hidden_states[-1][:, 0]
+            t = teacher(**batch, output_hidden_states=True).hidden_states[-1][:, 0]
+            expected.append(rkd_distance_loss(s, t).item())
+    trainer.train()
+    logged = trainer.state.log_history[0]["relation_loss"]
+    assert logged == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_minilm_refusals_name_the_fix(tmp_path):
+    from conftest import make_bert
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from hf_kd import DistillationTrainer, InputError
+
+    teacher = make_bert(layers=4, hidden=16, heads=4, seed=1)
+    student = make_bert(layers=2, hidden=6, heads=2, seed=2)  # 4 does not divide 6
+    with pytest.raises(InputError, match="Set minilm_relation_heads to a common divisor"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=relation_args(tmp_path))
+    with pytest.raises(InputError, match="minilm_relation_heads=3 does not divide"):
+        DistillationTrainer(model=make_bert(layers=2, hidden=8, heads=2), teacher_model=teacher,
+                            args=relation_args(tmp_path, minilm_relation_heads=3))
+    cfg = dict(n_layer=2, n_embd=8, n_head=2, vocab_size=64, n_positions=16, pad_token_id=0)
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(**cfg))
+    with pytest.raises(InputError, match="fused projections are not supported"):
+        DistillationTrainer(model=GPT2ForSequenceClassification(GPT2Config(**cfg)), teacher_model=gpt2,
+                            args=relation_args(tmp_path, layer_map="last"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("relation_loss", "rkd_cosine", "relation_loss='rkd_cosine' is unknown"),
+        ("relation_pooling", "cls", "relation_pooling='cls' is unknown"),
+        ("relation_weight", -1.0, "relation_weight=-1.0 is negative"),
+        ("minilm_relation_heads", 0, "minilm_relation_heads=0 must be a positive integer"),
+    ],
+)
+def test_bad_relation_settings_are_refused(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        relation_args(tmp_path, **{field: value})
+
+
+def test_relation_weight_alone_uses_the_teacher(tmp_path):
+    args = relation_args(tmp_path, alpha=0.0, attention_weight=0.0, relation_weight=0.5)
+    assert args.uses_relations and not args.uses_attention_maps
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "token_classification", "question_answering"])
+def test_minilm_and_relations_for_other_tasks(tmp_path, task):
+    """Llama's q_proj/k_proj/v_proj and BERT heads for token tasks and QA; token tasks pool by the mean."""
+    from conftest import ListDataset, random_batch, rows_from_batch
+    from test_trainer import task_pair
+
+    from hf_kd import DistillationTrainer
+
+    teacher, student = task_pair(task)  # widths 16 and 8, 4 and 2 heads: 4 relation heads divide both
+    data = ListDataset(rows_from_batch(random_batch(task, batch=6, pad_from=[10, 7, 5, 9, 4, 8])))
+    args = relation_args(tmp_path, layer_map="last", relation_loss="rkd", max_steps=2)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(math.isfinite(e["attention_loss"]) and e["attention_loss"] > 0 for e in logs)
+    assert all(math.isfinite(e["relation_loss"]) and e["relation_loss"] > 0 for e in logs)
