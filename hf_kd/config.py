@@ -201,7 +201,9 @@ class DistillationConfig(TrainingArguments):
                 "teacher's number of heads)."
             )
         if self.relation_loss not in RELATION_LOSSES:
-            problems.append(f"relation_loss={self.relation_loss!r} is unknown; use one of {', '.join(RELATION_LOSSES)}.")
+            problems.append(
+                f"relation_loss={self.relation_loss!r} is unknown; use one of {', '.join(RELATION_LOSSES)}."
+            )
         if self.relation_pooling not in RELATION_POOLINGS:
             problems.append(f"relation_pooling={self.relation_pooling!r} is unknown; use 'first' or 'mean'.")
         if self.nonfinite_loss not in NONFINITE_ACTIONS:
