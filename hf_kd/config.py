@@ -3,7 +3,7 @@
 Every Trainer flag keeps its meaning; the fields below add the loss. The total loss is
 
     alpha * T^2 * D(teacher || student, softened by T) + (1 - alpha) * CE(student, labels)
-    + hidden_weight * hidden + attention_weight * attention
+    + hidden_weight * hidden + attention_weight * attention + relation_weight * relation
 
 where the CE term is present only when the batch has labels. For ``kd_loss="mse"`` D is the mean
 squared error of the raw logits and neither T nor T^2 applies (T^2 only compensates for the 1/T^2
@@ -21,6 +21,10 @@ from transformers import TrainingArguments
 from .adapters import peft_config_dict
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES
 from .teachers import weight_problems
+from .relations import RELATION_LOSSES, RELATION_POOLINGS
+
+#: attention_loss values: the attention-map losses of hf_kd.losses, and MiniLM q/k/v relations (hf_kd.relations).
+ATTENTION_CHOICES = (*ATTENTION_LOSSES, "minilm")
 
 LAYER_MAP_NAMES = ("uniform", "last")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -118,8 +122,36 @@ class DistillationConfig(TrainingArguments):
     attention_loss: str = field(
         default="mse",
         metadata={
-            "help": "Attention loss: mse on attention probabilities (TinyBERT) or kl between attention rows.",
-            "choices": list(ATTENTION_LOSSES),
+            "help": "Attention loss: mse on attention probabilities (TinyBERT), kl between attention rows, or minilm: "
+            "KL between query-query, key-key and value-value relations (MiniLMv2; see minilm_relation_heads).",
+            "choices": list(ATTENTION_CHOICES),
+        },
+    )
+    minilm_relation_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "attention_loss=minilm: number of relation heads R the q/k/v vectors are split into (R must divide "
+            "the widths of both models). Default: the teacher's number of attention heads, when it divides them."
+        },
+    )
+    relation_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the sample-relation loss between the examples of a batch (>= 0)."}
+    )
+    relation_loss: str = field(
+        default="rkd",
+        metadata={
+            "help": "Sample relations on one embedding per example: rkd_distance, rkd_angle (Park et al. 2019), "
+            "rkd = distance + 2 * angle, similarity (Tung & Mori 2019). Computed per micro-batch.",
+            "choices": list(RELATION_LOSSES),
+        },
+    )
+    relation_pooling: str = field(
+        default="first",
+        metadata={
+            "help": "Embedding of an example for relation_loss, from the last hidden state, for sequence "
+            "classification and question answering: first (the first valid token, [CLS]) or mean over valid "
+            "tokens. Token-level tasks always use the mean.",
+            "choices": list(RELATION_POOLINGS),
         },
     )
     layer_map: str | None = field(
@@ -183,21 +215,33 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"jsd_beta={self.jsd_beta} must be strictly between 0 and 1 (0.5 is symmetric JSD).")
         if self.hidden_loss not in HIDDEN_LOSSES:
             problems.append(f"hidden_loss={self.hidden_loss!r} is unknown; use one of {', '.join(HIDDEN_LOSSES)}.")
-        if self.attention_loss not in ATTENTION_LOSSES:
+        if self.attention_loss not in ATTENTION_CHOICES:
             problems.append(
-                f"attention_loss={self.attention_loss!r} is unknown; use one of {', '.join(ATTENTION_LOSSES)}."
+                f"attention_loss={self.attention_loss!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}."
             )
+        if self.minilm_relation_heads is not None and not self.minilm_relation_heads > 0:
+            problems.append(
+                f"minilm_relation_heads={self.minilm_relation_heads} must be a positive integer (or unset: the "
+                "teacher's number of heads)."
+            )
+        if self.relation_loss not in RELATION_LOSSES:
+            problems.append(
+                f"relation_loss={self.relation_loss!r} is unknown; use one of {', '.join(RELATION_LOSSES)}."
+            )
+        if self.relation_pooling not in RELATION_POOLINGS:
+            problems.append(f"relation_pooling={self.relation_pooling!r} is unknown; use 'first' or 'mean'.")
         if self.nonfinite_loss not in NONFINITE_ACTIONS:
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r} is unknown; use 'stop' or 'skip'.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             problems.append(f"teacher_dtype={self.teacher_dtype!r} is unknown; use one of {', '.join(TEACHER_DTYPES)}.")
-        for name in ("hidden_weight", "attention_weight"):
+        for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; weights must be >= 0.")
-        if not problems and self.alpha == 0 and self.hidden_weight == 0 and self.attention_weight == 0:
+        if not problems and self.alpha == 0 and self.hidden_weight == 0 and self.attention_weight == 0 \
+                and self.relation_weight == 0:
             problems.append(
-                "every distillation weight is zero (alpha=0, hidden_weight=0, attention_weight=0), so the "
-                "teacher would be unused. Set alpha > 0 (e.g. 0.5) or a hidden/attention weight > 0; for "
+                "every distillation weight is zero (alpha=0, hidden_weight=0, attention_weight=0, relation_weight=0), "
+                "so the teacher would be unused. Set alpha > 0 (e.g. 0.5) or a hidden/attention weight > 0; for "
                 "label-only training use transformers.Trainer."
             )
         if self.peft_config is not None:
@@ -226,3 +270,12 @@ class DistillationConfig(TrainingArguments):
     @property
     def uses_attention(self) -> bool:
         return self.attention_weight > 0
+
+    @property
+    def uses_attention_maps(self) -> bool:
+        """Attention probabilities are needed (eager attention); MiniLM relations read q/k/v instead."""
+        return self.uses_attention and self.attention_loss != "minilm"
+
+    @property
+    def uses_relations(self) -> bool:
+        return self.relation_weight > 0

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
-from . import adapters, distributed, hub, teachers
+from . import adapters, distributed, hub, relations, teachers
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -33,7 +33,7 @@ PROJECTIONS_NAME = "kd_projections.safetensors"
 KD_CONFIG_NAME = "kd_config.json"
 #: Rows of a training set scanned for labels and lengths before training (the checks stay cheap on big data).
 SCAN_ROWS = 10_000
-COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss")
+COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss", "relation_loss")
 # Keys of a batch that are targets, not model inputs.
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
 
@@ -272,10 +272,10 @@ class DistillationTrainer(Trainer):
                         "needs the same tokenizer. Use a student built from the teacher's tokenizer, or set "
                         "alpha=0 and distil hidden states only."
                     )
-        if (args.uses_hidden or args.uses_attention) and s_cfg.is_encoder_decoder:
+        if (args.uses_hidden or args.uses_attention or args.uses_relations) and s_cfg.is_encoder_decoder:
             problems.append(
-                "hidden-state and attention losses for encoder-decoder models are not supported yet; "
-                "set hidden_weight=0 and attention_weight=0."
+                "hidden-state, attention and relation losses for encoder-decoder models are not supported yet; "
+                "set hidden_weight=0, attention_weight=0 and relation_weight=0."
             )
         ls, lt = _depth(s_cfg), _depth(t_cfg)
         try:
@@ -291,7 +291,10 @@ class DistillationTrainer(Trainer):
                 self.attention_pairs = []
         except ValueError as err:
             problems.append(str(err))
-        if args.uses_attention:
+        self._minilm_modules, self.minilm_relation_heads = {}, None
+        if args.uses_attention and args.attention_loss == "minilm" and self.attention_pairs:
+            problems.extend(self._check_minilm(student, teacher, args))
+        if args.uses_attention_maps:
             for name, m in (("student", student), ("teacher", teacher)):
                 if m.config._attn_implementation != "eager":
                     try:
@@ -304,6 +307,36 @@ class DistillationTrainer(Trainer):
                         )
         if problems:
             raise InputError("Cannot distil this teacher into this student:\n  - " + "\n  - ".join(problems))
+
+    def _check_minilm(self, student, teacher, args: DistillationConfig) -> list[str]:
+        """attention_loss="minilm": find the q/k/v projections of the mapped layers and fix the relation heads."""
+        try:
+            for who, m, layers in (("student", student, [s for s, _ in self.attention_pairs]),
+                                   ("teacher", teacher, [t for _, t in self.attention_pairs])):
+                found = relations.find_qkv_modules(m, _depth(m.config), layers, who=who)
+                missing = sorted(set(layers) - set(found))
+                if missing:
+                    return [f"no query/key/value projections found in layers {missing} of the {who}; "
+                            "attention_loss='minilm' needs them. Use attention_loss='mse' or 'kl'."]
+                self._minilm_modules[who] = found
+        except ValueError as err:
+            return [str(err)]
+        widths = {
+            who: sorted({w for trio in found.values() for w in map(relations.projection_width, trio) if w})
+            for who, found in self._minilm_modules.items()
+        }
+        heads = args.minilm_relation_heads
+        if heads is None:
+            heads = _num_heads(teacher.config)
+            if any(w % heads for ws in widths.values() for w in ws):
+                return [f"attention_loss='minilm' splits the q/k/v vectors into relation heads; the default, the "
+                        f"teacher's {heads} heads, does not divide every width (student {widths['student']}, teacher "
+                        f"{widths['teacher']}). Set minilm_relation_heads to a common divisor of them."]
+        elif any(w % heads for ws in widths.values() for w in ws):
+            return [f"minilm_relation_heads={heads} does not divide every q/k/v width (student {widths['student']}, "
+                    f"teacher {widths['teacher']}); set it to a common divisor of them."]
+        self.minilm_relation_heads = heads
+        return []
 
     @staticmethod
     def _teacher_folder(teacher_model) -> str | None:
@@ -334,11 +367,12 @@ class DistillationTrainer(Trainer):
                 f"teacher_weights has {len(args.teacher_weights)} values for {len(sources)} teachers; give one weight "
                 "per teacher, in the order of teacher_model (or leave it unset for equal weights)."
             )
-        if len(sources) > 1 and (args.uses_hidden or args.uses_attention):
+        if len(sources) > 1 and (args.uses_hidden or args.uses_attention or args.uses_relations):
             raise InputError(
-                f"hidden_weight and attention_weight need a single teacher, and {len(sources)} are given: the layers "
-                "of several teachers do not average (depths and widths differ). Set hidden_weight=0 and "
-                "attention_weight=0 (the logits of all teachers are averaged), or distil from one teacher."
+                f"hidden_weight, attention_weight and relation_weight need a single teacher, and {len(sources)} are "
+                "given: the layers and embeddings of several teachers do not average (depths and widths differ). Set "
+                "hidden_weight=0, attention_weight=0 and relation_weight=0 (the logits of all teachers are "
+                "averaged), or distil from one teacher."
             )
         loaded = [load_teacher(source, self.task) for source in sources]
         if len(loaded) > 1:
@@ -504,8 +538,20 @@ class DistillationTrainer(Trainer):
                 "hidden_pairs": [list(p) for p in self.hidden_pairs],
                 "attention_pairs": [list(p) for p in self.attention_pairs],
                 "projections": len(self.projections),
+                **self._relation_settings(),
             },
         }
+
+    def _relation_settings(self) -> dict:
+        """The relation fields in use (none when unused, so records and checkpoints from before them still match)."""
+        args: DistillationConfig = self.args
+        out = {}
+        if self._minilm_modules and args.uses_attention:
+            out["minilm_relation_heads"] = self.minilm_relation_heads
+        if args.uses_relations:
+            out.update(relation_weight=args.relation_weight, relation_loss=args.relation_loss,
+                       relation_pooling=args.relation_pooling)
+        return out
 
     def _check_resume(self, checkpoint) -> None:
         path = os.path.join(checkpoint, KD_CONFIG_NAME)
@@ -593,6 +639,8 @@ class DistillationTrainer(Trainer):
             "label": label_rows.float(),
             "token": lengths.sum().to(device).float(),
             "pair": (lengths.float() ** 2).sum().to(device),
+            # Batch-level losses (sample relations) are averaged over the micro-batches of all processes.
+            "micro_batch": torch.ones((), device=device),
         }
 
     def _clip_grad_norm(self, model):
@@ -684,17 +732,23 @@ class DistillationTrainer(Trainer):
         else:  # called outside Trainer's loop: normalise over this batch alone
             counts = {k: v.clamp_min(1) for k, v in self._count_items(inputs).items()}
         model_inputs = self._split_inputs(inputs)
-        need_hidden, need_attn = bool(self.hidden_pairs), bool(self.attention_pairs)
+        need_hidden, need_attn = bool(self.hidden_pairs), bool(self.attention_pairs) and args.uses_attention_maps
+        need_qkv = bool(self._minilm_modules) and args.uses_attention
         extra = {}
-        if need_hidden:
+        if need_hidden or args.uses_relations:
             extra["output_hidden_states"] = True
         if need_attn:
             extra["output_attentions"] = True
 
-        s_out = model(**model_inputs, **extra)
+        # MiniLM relations read q/k/v through forward hooks that live for one forward pass each.
+        s_cap, t_cap = (relations.QKVCapture(self._minilm_modules[who]) if need_qkv else contextlib.nullcontext()
+                        for who in ("student", "teacher"))
+        with s_cap:
+            s_out = model(**model_inputs, **extra)
         t_out = None
-        if args.uses_teacher_logits or need_hidden or need_attn:
-            t_out = self._teacher_target(inputs, model_inputs, extra)
+        if args.uses_teacher_logits or need_hidden or need_attn or need_qkv or args.uses_relations:
+            with t_cap:  # the first teacher's q/k/v (several teachers refuse MiniLM and relations)
+                t_out = self._teacher_target(inputs, model_inputs, extra)
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device, dtype=torch.float32)
@@ -750,6 +804,20 @@ class DistillationTrainer(Trainer):
             ).mean()
             components["attention_loss"] = attn
             total = total + args.attention_weight * attn
+        if need_qkv:
+            attn = torch.stack(
+                [
+                    relations.minilm_relation_loss(s_cap.get(ks), t_cap.get(kt), token_mask,
+                                                   self.minilm_relation_heads, normalizer=counts["token"])
+                    for ks, kt in self.attention_pairs
+                ]
+            ).mean()
+            components["attention_loss"] = attn
+            total = total + args.attention_weight * attn
+        if args.uses_relations:
+            relation = self._sample_relation_loss(s_out, t_out, token_mask) / counts["micro_batch"]
+            components["relation_loss"] = relation
+            total = total + args.relation_weight * relation
 
         # One sync per micro-batch, as Trainer's own logging_nan_inf_filter check already costs.
         finite = bool(torch.isfinite(total))
@@ -765,6 +833,20 @@ class DistillationTrainer(Trainer):
         # Counts are summed over every process; DDP averages gradients, so the sum is restored here.
         total = total * self.args.world_size
         return (total, s_out) if return_outputs else total
+
+    def _sample_relation_loss(self, s_out, t_out, token_mask) -> torch.Tensor:
+        """`relation_loss` between the examples of this micro-batch, on one embedding per example.
+
+        The embedding is the last hidden state at the first valid token or averaged over valid tokens
+        (`relation_pooling`; token-level tasks always average). Relations are batch-level: with gradient
+        accumulation (and several processes) each micro-batch gives its own relation loss and the trainer
+        averages them, which cannot equal the relation loss of the larger batch (other pairs, another mean
+        distance); accumulation stays exact for every other loss.
+        """
+        pooling = "mean" if self.task in TOKEN_TASKS else self.args.relation_pooling
+        s_emb = relations.pool_examples(s_out.hidden_states[-1], token_mask, pooling)  # (B, Ds)
+        t_emb = relations.pool_examples(t_out.hidden_states[-1], token_mask, pooling)  # (B, Dt)
+        return relations.sample_relation_loss(s_emb, t_emb, token_mask.any(-1), kind=self.args.relation_loss)
 
     def _nonfinite_message(self, components, s_out, t_out) -> tuple[str, list[str]]:
         """What was not finite at which step, and where it came from."""
@@ -1081,6 +1163,7 @@ class DistillationTrainer(Trainer):
                   attention_weight=args.attention_weight, attention_loss=args.attention_loss,
                   layer_map=args.layer_map, hidden_pairs=[list(p) for p in self.hidden_pairs],
                   attention_pairs=[list(p) for p in self.attention_pairs], projections=len(self.projections))
+        kd.update(self._relation_settings())
         eval_split = info.eval_split or getattr(self.eval_dataset, "split", None)
         command = info.command or (
             f"{hub.command_line()}  # Python API (hf_kd.DistillationTrainer): the settings are in {hub.PROVENANCE_NAME}"

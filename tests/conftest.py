@@ -164,3 +164,12 @@ def write_tiny_csv(path, n=48, seed=0):
             words = [rng.choice(pos if label else neg)] + rng.sample(rest, 4)
             w.writerow([" ".join(words), label])
     return path
+
+
+def forward_hooks(model) -> dict:
+    """{module name: its forward (pre-)hooks}: what a test compares to see that no hook was left behind."""
+    return {
+        name: (tuple(m._forward_hooks.values()), tuple(m._forward_pre_hooks.values()))
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    }
