@@ -304,3 +304,45 @@ def test_saved_student_names_the_cache_and_its_teacher(cls_setup, tmp_path):
     assert record["teacher"]["weights_sha256"] == meta["teacher"]["weights_sha256"]
     assert str(path) in record["teacher"]["note"]
     assert str(path) in (tmp_path / "out" / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- command line
+from test_cli import tiny_recipe  # noqa: E402,F401 - the fixture: tiny models and a toy CSV in tmp_path
+
+
+def test_cli_caches_the_recipe_teacher_and_distils_from_it_like_the_live_teacher(tiny_recipe, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hf_kd.cli import main
+
+    path, tmp, _ = tiny_recipe
+    common = ["--config", str(path), "--attention_weight", "0", "--baseline", "false", "--report", "false",
+              "--save_strategy", "no"]
+    cache = tmp / "cache"
+    assert main(["cache-teacher", *common, "--top_k", "64", "--cache_hidden", "true", "--output_dir", str(cache)]) == 0
+    meta = tc.read_cache_metadata(cache)
+    # 2 classes: top_k is capped, the cache holds the full distribution; uniform map of 2 student layers onto 4.
+    assert (meta["top_k"], meta["rows"], meta["hidden_layers"]) == (2, 64, [2, 4])
+    # The comparison below is exact with the logit loss alone (fp16 hidden states would blur it, see above).
+    common += ["--hidden_weight", "0"]
+    assert main(["distill", *common, "--output_dir", str(tmp / "live")]) == 0
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the trainer loaded a teacher although teacher_cache is set")
+
+    monkeypatch.setattr("hf_kd.trainer.load_teacher", no_teacher)
+    assert main(["distill", *common, "--teacher_cache", str(cache), "--output_dir", str(tmp / "cached")]) == 0
+    live, cached = (load_file(str(tmp / d / "model.safetensors")) for d in ("live", "cached"))
+    for name, value in live.items():
+        torch.testing.assert_close(cached[name], value, atol=1e-6, rtol=0, msg=name)
+    assert str(cache) in read_provenance(str(tmp / "cached"))["teacher"]["note"]
+
+
+def test_cli_refuses_a_cache_of_other_rows(tiny_recipe):
+    from hf_kd.cli import main
+
+    path, tmp, _ = tiny_recipe
+    common = ["--config", str(path), "--attention_weight", "0", "--baseline", "false", "--report", "false"]
+    assert main(["cache-teacher", *common, "--max_train_samples", "16", "--output_dir", str(tmp / "cache")]) == 0
+    with pytest.raises(SystemExit, match="does not hold this recipe's training rows"):
+        main(["distill", *common, "--hidden_weight", "0", "--teacher_cache", str(tmp / "cache")])
