@@ -306,23 +306,28 @@ class CacheCollator:
         self.collator = collator
 
     def __call__(self, features):
-        cached = [{k: f.pop(k) for k in list(f) if k.startswith(PREFIX)} for f in features]
-        batch = self.collator(features)
+        cached = [{k: v for k, v in f.items() if k.startswith(PREFIX)} for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if not k.startswith(PREFIX)} for f in features])
         if not cached or not cached[0]:
             return batch
         for name in cached[0]:
             if name in (LSE, REST):
                 batch[name] = torch.cat([torch.as_tensor(c[name], dtype=torch.float32).reshape(-1) for c in cached])
-            elif name == IDS:
-                batch[name] = torch.cat([torch.as_tensor(c[name], dtype=torch.long).reshape(len(c[name]), -1) for c in cached])
-            elif name == LOGITS:
-                batch[name] = torch.cat([torch.as_tensor(c[name], dtype=torch.float32).reshape(len(c[name]), -1) for c in cached])
-            else:  # hidden states, fp16 on disk
-                batch[name] = torch.cat([torch.as_tensor(c[name], dtype=torch.float16).reshape(len(c[name]), -1) for c in cached])
-                batch[HIDDEN_ROWS] = torch.tensor([len(c[name]) for c in cached])
+            else:  # (rows, width) per example: ids, logits, or hidden states (fp16 on disk)
+                dtype = {IDS: torch.long, LOGITS: torch.float32}.get(name, torch.float16)
+                batch[name] = _stack_rows([c[name] for c in cached], dtype)
+                if name not in (IDS, LOGITS):
+                    batch[HIDDEN_ROWS] = torch.tensor([len(c[name]) for c in cached])
         if IDS in cached[0]:
             batch[ROWS] = torch.tensor([len(c[IDS]) for c in cached])
         return batch
+
+
+def _stack_rows(per_example: list, dtype) -> Tensor:
+    """Concatenate per-example (rows, width) lists; an example may have no rows (every label -100)."""
+    tensors = [torch.as_tensor(x, dtype=dtype) for x in per_example]
+    width = next((t.shape[-1] for t in tensors if t.numel()), 0)
+    return torch.cat([t.reshape(-1, width) for t in tensors])  # (rows of the batch, width)
 
 
 def _check_rows(expected: Tensor, got: Tensor, what: str) -> None:

@@ -835,6 +835,11 @@ class DistillationTrainer(Trainer):
 
         Returns `evaluate`'s dict with keys ``teacher_eval_*``; they are logged like the student's.
         """
+        if self.teacher is None:
+            raise InputError(
+                f"there is no teacher to evaluate: this trainer reads its targets from teacher_cache="
+                f"{self.args.teacher_cache}. Load the teacher and evaluate it with transformers.Trainer."
+            )
         self._evaluating_teacher = True
         try:
             return self.evaluate(eval_dataset, ignore_keys, metric_key_prefix)

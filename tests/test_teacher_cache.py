@@ -120,6 +120,7 @@ def lm_data(n=8, vocab=64, seed=0):
         rows["input_ids"].append(ids)
         rows["attention_mask"].append([1] * length)
         rows["labels"].append([-100] * prompt + ids[prompt:])
+    rows["labels"][1] = [-100] * len(rows["labels"][1])  # a row with nothing to learn: no cached rows
     return Dataset.from_dict(rows)
 
 
@@ -304,6 +305,8 @@ def test_saved_student_names_the_cache_and_its_teacher(cls_setup, tmp_path):
     assert record["teacher"]["weights_sha256"] == meta["teacher"]["weights_sha256"]
     assert str(path) in record["teacher"]["note"]
     assert str(path) in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(InputError, match="no teacher to evaluate"):
+        trainer.evaluate_teacher()
 
 
 # --------------------------------------------------------------------------- command line
