@@ -239,7 +239,9 @@ def check_cache(meta: dict, path, args, task: str, student, dataset) -> list:
 
     problems = []
     if meta["task"] != task:
-        problems.append(f"the cache holds a {meta['task']} teacher, the student solves {task}; cache a teacher of the student's task.")
+        problems.append(
+            f"the cache holds a {meta['task']} teacher, the student solves {task}; cache a teacher of the student's task."
+        )
     if args.uses_teacher_logits:  # attention_weight > 0 and kd_loss="mse" are refused by DistillationConfig
         if abs(args.temperature - meta["temperature"]) > 1e-12:
             problems.append(
@@ -248,7 +250,8 @@ def check_cache(meta: dict, path, args, task: str, student, dataset) -> list:
                 f"{meta['temperature']}, or re-run cache-teacher with --temperature {args.temperature}."
             )
         cfg = student.config
-        n = cfg.num_labels if task in ("sequence_classification", "token_classification") else cfg.get_text_config().vocab_size
+        labelled = task in ("sequence_classification", "token_classification")
+        n = cfg.num_labels if labelled else cfg.get_text_config().vocab_size
         if n != meta["num_classes"]:
             problems.append(
                 f"the student has {n} classes (vocabulary or labels) and the cached teacher {meta['num_classes']}; "
@@ -401,7 +404,9 @@ def run_cache_teacher(model_args, data_args, run_args, config, *, top_k: int, ca
         elif model_args.student_model_name_or_path:
             depth = AutoConfig.from_pretrained(resolve_model(model_args.student_model_name_or_path)).num_hidden_layers
         else:
-            raise SystemExit("hf-kd: --cache_hidden needs the student's depth: give student_layers or student_model_name_or_path.")
+            raise SystemExit(
+                "hf-kd: --cache_hidden needs the student's depth: give student_layers or student_model_name_or_path."
+            )
         pairs = resolve_layer_map(config.layer_map, depth, teacher.config.num_hidden_layers, allow_embeddings=True)
         layers = sorted({t for _, t in pairs})
     say(f"caching the teacher's top-{top_k} logits at temperature {config.temperature}"

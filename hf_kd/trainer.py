@@ -194,7 +194,7 @@ class DistillationTrainer(Trainer):
         if self._cache_meta is not None:  # what the card says of a teacher that is not loaded
             t = self._cache_meta["teacher"]
             self._card_cache.update(teacher_sha256=t["weights_sha256"], teacher_parameters=t["parameters"],
-                                    teacher_size=(None, f"not loaded: targets read from the cache {args.teacher_cache}"))
+                                    teacher_size=(None, f"not loaded: read from the cache {args.teacher_cache}"))
 
         super().__init__(model=model, args=args, **kwargs)
 
