@@ -2,6 +2,7 @@
 
 from .config import DistillationConfig
 from .hub import CardInfo, PushError, push_student, read_provenance, weights_sha256
+from .teacher_cache import cache_teacher_outputs, load_cached_dataset
 from .trainer import DistillationTrainer, InputError, NonFiniteLossError
 
 __version__ = "0.1.0"
@@ -16,5 +17,7 @@ __all__ = [
     "push_student",
     "read_provenance",
     "weights_sha256",
+    "cache_teacher_outputs",
+    "load_cached_dataset",
     "__version__",
 ]

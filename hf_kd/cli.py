@@ -1,5 +1,6 @@
 """`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`, and
-`hf-kd push --model DIR --repo_id NAME` to publish a saved student (see `hf_kd.hub`).
+`hf-kd push --model DIR --repo_id NAME` to publish a saved student (see `hf_kd.hub`), and
+`hf-kd cache-teacher --config RECIPE --output_dir DIR` to save a teacher's outputs (see `hf_kd.teacher_cache`).
 
 A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
 `DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
@@ -173,6 +174,15 @@ def parse_push_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_cache_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`hf-kd cache-teacher`'s own options; the rest is a distill command line (recipe, overrides, output_dir)."""
+    parser = argparse.ArgumentParser(prog="hf-kd cache-teacher", add_help=False)
+    parser.add_argument("--top_k", type=int, default=64, help="Teacher logits kept per row (capped at the classes).")
+    parser.add_argument("--cache_hidden", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                        help="Also keep the hidden states of the teacher layers the recipe's layer_map needs (fp16).")
+    return parser.parse_known_args(argv)
+
+
 def run_push(args: argparse.Namespace) -> None:
     from .hub import CARD_NAME, PushError, check_student_folder, push_student
 
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "distill": "distil a teacher into a student from a YAML recipe (default: the Rotten Tomatoes demo)",
         "push": "publish a saved student to the Hugging Face Hub (hf-kd push --model DIR --repo_id NAME)",
+        "cache-teacher": "run a recipe's teacher once and save its top-k logits for distill --teacher_cache DIR",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: hf-kd COMMAND [options]\n\ncommands:")
@@ -269,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"hf-kd: {err}") from None
     elif command == "push":
         run_push(parse_push_args(rest))
+    elif command == "cache-teacher":
+        from .teacher_cache import run_cache_teacher
+        from .trainer import InputError
+
+        options, rest = parse_cache_args(rest)
+        parsed = parse_distill_args(rest)
+        check_model_paths(parsed[0])
+        try:
+            run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
+        except InputError as err:
+            raise SystemExit(f"hf-kd: {err}") from None
     return 0
 
 

@@ -201,6 +201,13 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEACHER_DTYPES),
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder made by `hf-kd cache-teacher`: read the teacher's top-k logits (and hidden states) "
+            "from it instead of running the teacher; train on the dataset saved there, with teacher_model=None."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -250,6 +257,14 @@ class DistillationConfig(TrainingArguments):
             except ValueError as err:
                 problems.append(str(err))
         problems += weight_problems(self.teacher_weights)
+        if self.teacher_cache and self.attention_weight > 0:
+            problems.append("teacher_cache holds no attention maps; set attention_weight=0 or distil with the live teacher.")
+        if self.teacher_cache and self.relation_weight > 0:
+            problems.append("teacher_cache holds no per-example embeddings for sample relations; set relation_weight=0 "
+                            "or distil with the live teacher.")
+        if self.teacher_cache and self.alpha > 0 and self.kd_loss == "mse":
+            problems.append("kd_loss='mse' compares every raw logit and teacher_cache keeps the top k; use forward_kl, "
+                            "reverse_kl or jsd, or distil with the live teacher.")
         if self.layer_map is None:
             self.layer_map = "uniform"
         try:

@@ -34,6 +34,7 @@ __all__ = [
     "HIDDEN_LOSSES",
     "ATTENTION_LOSSES",
     "logit_distillation_loss",
+    "topk_distillation_loss",
     "cross_entropy_loss",
     "hidden_state_loss",
     "attention_loss",
@@ -107,6 +108,22 @@ def _safe_log_softmax(z: Tensor, class_mask: Optional[Tensor]) -> Tensor:
     return torch.log_softmax(z, dim=-1).clamp_min(_F32_MIN)  # (..., C)
 
 
+def _divergence_terms(log_pt: Tensor, log_ps: Tensor, kind: str, jsd_beta: float) -> Tensor:
+    """Per-class terms of the divergence ``kind`` between two log-distributions (finite, fp32); sum them."""
+    ps = log_ps.exp()  # (..., C)
+    pt = log_pt.exp()  # (..., C)
+    if kind == "forward_kl":
+        return pt * (log_pt - log_ps)  # (..., C)
+    if kind == "reverse_kl":
+        return ps * (log_ps - log_pt)  # (..., C)
+    beta = float(jsd_beta)  # jsd
+    log_m = torch.logsumexp(
+        torch.stack([log_pt + math.log(beta), log_ps + math.log1p(-beta)]),  # (2, ..., C)
+        dim=0,
+    )  # (..., C)
+    return beta * pt * (log_pt - log_m) + (1.0 - beta) * ps * (log_ps - log_m)  # (..., C)
+
+
 # --------------------------------------------------------------------------- #
 # logits
 # --------------------------------------------------------------------------- #
@@ -173,24 +190,77 @@ def logit_distillation_loss(
 
     log_ps = _safe_log_softmax(zs / temperature, cmask)  # (..., C)
     log_pt = _safe_log_softmax(zt / temperature, cmask)  # (..., C)
-    ps = log_ps.exp()  # (..., C)
-    pt = log_pt.exp()  # (..., C)
-
-    if kind == "forward_kl":
-        terms = pt * (log_pt - log_ps)  # (..., C)
-    elif kind == "reverse_kl":
-        terms = ps * (log_ps - log_pt)  # (..., C)
-    else:  # jsd
-        beta = float(jsd_beta)
-        log_m = torch.logsumexp(
-            torch.stack([log_pt + math.log(beta), log_ps + math.log1p(-beta)]),  # (2, ..., C)
-            dim=0,
-        )  # (..., C)
-        terms = beta * pt * (log_pt - log_m) + (1.0 - beta) * ps * (log_ps - log_m)  # (..., C)
-
+    terms = _divergence_terms(log_pt, log_ps, kind, jsd_beta)  # (..., C)
     if cmask is not None:
         terms = torch.where(cmask, terms, 0.0)  # (..., C)
     per_pos = terms.sum(-1)  # (...)
+    return _reduce(per_pos, valid, normalizer)
+
+
+def topk_distillation_loss(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    teacher_topk_logits: Tensor,
+    teacher_logsumexp: Tensor,
+    teacher_rest_logprob: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    normalizer: Normalizer = None,
+) -> Tensor:
+    """`logit_distillation_loss` against a teacher stored as its top-k classes plus one "rest" bucket.
+
+    Shapes: ``student_logits`` (..., V); ``topk_ids`` (..., k) integer, distinct per row;
+    ``teacher_topk_logits`` (..., k) raw teacher logits of those classes; ``teacher_logsumexp`` (...)
+    = logsumexp(z_t / T) over all V classes; ``teacher_rest_logprob`` (...) = log of the teacher's
+    probability outside the top k at T (-inf or very negative when k = V); ``mask`` (...) bool.
+
+    Both distributions live on k + 1 buckets: the teacher's is
+    ``[z_t[top-k] / T - logsumexp(z_t / T), rest]``; the student's is its softmax(z_s / T) over all V
+    classes, read at the top-k ids, with the rest bucket = log of the student's mass elsewhere
+    (a logsumexp over the other classes, not log(1 - sum), so it stays exact when that mass is tiny).
+    The divergence (``forward_kl``, ``reverse_kl``, ``jsd``) over these buckets is a lower bound of the
+    full one (merging classes never increases a KL or JS divergence) and equals it when k = V.
+    ``mse`` needs every logit and is refused. Reduction as in the module docstring.
+    """
+    _check_kind(kind, KD_LOSSES, "logit distillation")
+    if kind == "mse":
+        raise ValueError("kd_loss='mse' compares every raw logit; a top-k teacher cannot give it. Use forward_kl, "
+                         "reverse_kl or jsd.")
+    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead, k = student_logits.shape[:-1], topk_ids.shape[-1]
+    if topk_ids.shape[:-1] != lead or teacher_topk_logits.shape != topk_ids.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)}, top-k ids {tuple(topk_ids.shape)} and teacher top-k "
+            f"logits {tuple(teacher_topk_logits.shape)} must share the leading shape and k"
+        )
+    if teacher_logsumexp.shape != lead or teacher_rest_logprob.shape != lead:
+        raise ValueError(f"teacher_logsumexp and teacher_rest_logprob must have the leading shape {tuple(lead)}")
+    if k > student_logits.shape[-1]:
+        raise ValueError(f"k={k} top-k classes but the student has only {student_logits.shape[-1]} classes")
+
+    device = student_logits.device
+    valid = _valid_mask(mask, lead, device)  # (...)
+    ids = torch.where(valid[..., None], topk_ids.to(device).long(), 0)  # (..., k); safe at masked rows
+    zs = torch.where(valid[..., None], student_logits.float(), 0.0)  # (..., V)
+    log_ps = _safe_log_softmax(zs / temperature, None)  # (..., V)
+    ps_top = log_ps.gather(-1, ids)  # (..., k)
+    in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, ids, True)  # (..., V)
+    ps_rest = torch.logsumexp(log_ps.masked_fill(in_top, _F32_MIN), dim=-1).clamp_min(_F32_MIN)  # (...)
+    log_ps_b = torch.cat([ps_top, ps_rest[..., None]], dim=-1)  # (..., k+1)
+
+    zt = torch.where(valid[..., None], teacher_topk_logits.to(device).float(), 0.0)  # (..., k)
+    lse = torch.where(valid, teacher_logsumexp.to(device).float(), 0.0)  # (...)
+    rest = torch.where(valid, teacher_rest_logprob.to(device).float(), _F32_MIN)  # (...)
+    pt_top = (zt / temperature - lse[..., None]).clamp_min(_F32_MIN)  # (..., k)
+    log_pt_b = torch.cat([pt_top, rest.clamp_min(_F32_MIN)[..., None]], dim=-1)  # (..., k+1)
+
+    per_pos = _divergence_terms(log_pt_b, log_ps_b, kind, jsd_beta).sum(-1)  # (...)
     return _reduce(per_pos, valid, normalizer)
 
 

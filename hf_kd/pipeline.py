@@ -292,11 +292,19 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
 
+    distil_set = train if unlabelled is None else concatenate_datasets([train, unlabelled])
+    if config.teacher_cache:  # the teacher's targets come from disk: it is loaded above only to build and rate the student
+        from .teacher_cache import check_same_rows, load_cached_dataset, read_cache_metadata
+
+        cached = load_cached_dataset(config.teacher_cache)
+        check_same_rows(cached, distil_set, read_cache_metadata(config.teacher_cache))
+        say(f"teacher targets: read from the cache {config.teacher_cache}; the teacher is not run for training")
+        distil_set = cached
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=None if config.teacher_cache else teacher,
         args=config,
-        train_dataset=train if unlabelled is None else concatenate_datasets([train, unlabelled]),
+        train_dataset=distil_set,
         eval_dataset=held_out,
         data_collator=collator,
         processing_class=tokenizer,

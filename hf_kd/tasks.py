@@ -40,3 +40,22 @@ def detect_task(model) -> str:
 
 def auto_class(task: str):
     return getattr(transformers, TASKS[task][1])
+
+
+def logit_row_mask(task: str, batch: dict):
+    """Valid rows of the logits that the logit losses compare, for one batch; None = one row per example
+    (sequence classification, QA). Token tasks: labels != -100, else the attention mask; causal LM shifted by
+    one (the logits at position i predict token i + 1, as in Transformers' own causal-LM loss)."""
+    if task not in TOKEN_TASKS:
+        return None
+    labels = batch.get("labels")
+    if task == "causal_lm":
+        if labels is not None:
+            return labels[:, 1:] != -100  # (B, T-1)
+        return batch["attention_mask"][:, 1:].bool()
+    if labels is not None:
+        return labels != -100  # (B, T)
+    if task == "seq2seq_lm":
+        dmask = batch.get("decoder_attention_mask")
+        return dmask.bool() if dmask is not None else None
+    return batch["attention_mask"].bool()

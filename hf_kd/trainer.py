@@ -24,7 +24,7 @@ from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
 from .report import count_parameters
-from .tasks import TOKEN_TASKS, auto_class, detect_task, unwrap
+from .tasks import TOKEN_TASKS, auto_class, detect_task, logit_row_mask, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,11 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer needs args=DistillationConfig(...) (a TrainingArguments subclass with the "
                 f"distillation settings), got {type(args).__name__}."
             )
-        if model is None or teacher_model is None:
-            raise ValueError("DistillationTrainer needs both model (the student) and teacher_model.")
+        if model is None or (teacher_model is None) == (args.teacher_cache is None):
+            raise ValueError(
+                "DistillationTrainer needs model (the student) and either teacher_model or args.teacher_cache "
+                "(with teacher_cache, pass teacher_model=None: the cache replaces the teacher)."
+            )
         if kwargs.get("model_init") is not None:
             raise ValueError("model_init is not supported by DistillationTrainer: pass the student as model.")
         # Everything is checked before Trainer.__init__, which creates output_dir.
@@ -164,10 +167,16 @@ class DistillationTrainer(Trainer):
             logger.warning(hint)
         failure = None
         sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+        self._cache_meta = None
+        self._minilm_modules, self.minilm_relation_heads = {}, None  # set by _check_pair when MiniLM is used
+        loaded, teacher = [], None
         try:
             self.task = detect_task(model)
             model = self._prepare_student(model, args)
-            loaded = self._load_teachers(sources, args)
+            if args.teacher_cache is not None:  # the teacher's outputs are read from disk: no teacher at all
+                self._init_from_cache(unwrap(model), args, kwargs.get("train_dataset"))
+            else:
+                loaded = self._load_teachers(sources, args)
             for source, teacher in reversed(list(zip(sources, loaded))):  # the first last: its pairs stay
                 self._check_pair(unwrap(model), unwrap(teacher), args)
                 self._check_placement(unwrap(model), unwrap(teacher))
@@ -184,11 +193,12 @@ class DistillationTrainer(Trainer):
         for t in loaded:
             t.eval()
             t.requires_grad_(False)
-        self.teacher = teacher  # the first teacher: layer pairs, evaluation and the card's main entry
+        self.teacher = teacher  # the first teacher (None with teacher_cache): layer pairs, evaluation, the card
         self.teachers = loaded
-        self.teacher_weights = teachers.normalise_weights(args.teacher_weights, len(loaded))
+        self.teacher_weights = teachers.normalise_weights(args.teacher_weights, max(len(loaded), 1))
         self._teacher_sources = [str(t) if isinstance(t, (str, os.PathLike)) else None for t in sources]
-        self._teacher_class = type(teacher).__name__  # FSDP renames the class of a module it shards
+        if teacher is not None:
+            self._teacher_class = type(teacher).__name__  # FSDP renames the class of a module it shards
         self.projections = self._build_projections(unwrap(model), teacher, args)
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._component_sums: dict[str, torch.Tensor] = {}
@@ -199,21 +209,31 @@ class DistillationTrainer(Trainer):
         self._evaluating_teacher = False
         self._evaluations: dict[str, tuple[int, str, dict]] = {}
         self._card_cache: dict = {}
+        if self._cache_meta is not None:  # what the card says of a teacher that is not loaded
+            t = self._cache_meta["teacher"]
+            self._card_cache.update(teacher_sha256=t["weights_sha256"], teacher_parameters=t["parameters"],
+                                    teacher_size=(None, f"not loaded: read from the cache {args.teacher_cache}"))
 
         super().__init__(model=model, args=args, **kwargs)
 
         # Our losses are sums divided by counts over the whole accumulation window (and all
         # processes), so Trainer must not divide them again by the accumulation steps.
         self.loss_is_scaled_for_ga = True
-        if self._backend.shards_models:  # read the whole teacher once, before it is split over the processes
-            self._remember_teacher()
-            self._teacher_records()
-        # What the teacher's forward passes call: the teacher, or the DeepSpeed engine that partitions it.
-        self._teacher_runners = [
-            distributed.place_teacher(t, self._backend, self.accelerator, self.args, self._teacher_dtype(unwrap(model)))
-            for t in self.teachers
-        ]
-        self._teacher_runner = self._teacher_runners[0]
+        if self.teacher is None:
+            from .teacher_cache import CacheCollator
+
+            self.data_collator = CacheCollator(self.data_collator)
+            self._teacher_runners, self._teacher_runner = [], None
+        else:
+            if self._backend.shards_models:  # read the whole teacher once, before it is split over the processes
+                self._remember_teacher()
+                self._teacher_records()
+            # What the teacher's forward passes call: the teacher, or the DeepSpeed engine that partitions it.
+            self._teacher_runners = [
+                distributed.place_teacher(t, self._backend, self.accelerator, self.args, self._teacher_dtype(unwrap(model)))
+                for t in self.teachers
+            ]
+            self._teacher_runner = self._teacher_runners[0]
         self.projections.to(self.args.device)
         self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
 
@@ -225,6 +245,25 @@ class DistillationTrainer(Trainer):
         problems = distributed.backend_problems(self._backend, self.accelerator, self.args, len(self.projections))
         if problems:  # the launcher's configuration, the same on every process: every process refuses
             raise InputError(f"Cannot distil under {self._backend.name}:\n  - " + "\n  - ".join(problems))
+
+    def _init_from_cache(self, student, args: DistillationConfig, train_dataset) -> None:
+        """teacher_cache: the checks of `_check_pair` / `_check_dataset` against the cache's metadata."""
+        from . import teacher_cache
+
+        meta = self._cache_meta = teacher_cache.read_cache_metadata(args.teacher_cache)
+        self.hidden_pairs = teacher_cache.check_cache(meta, args.teacher_cache, args, self.task, student, train_dataset)
+        self.attention_pairs = []
+        self._check_dataset(train_dataset, student, None)
+        t = meta["teacher"]
+        self._teacher_class = t["class"]
+        self._teacher_width = t["hidden_size"]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._cache_meta is not None:  # remove_unused_columns must keep the cached teacher columns
+            from .teacher_cache import cache_columns
+
+            self._signature_columns += [c for c in cache_columns(self._cache_meta) if c not in self._signature_columns]
 
     def _remember_teacher(self) -> None:
         """Hash, size and count the teacher's weights while one process can still read them all (see `hub`)."""
@@ -435,6 +474,8 @@ class DistillationTrainer(Trainer):
         problems = []
         limits = []
         for who, m in (("student", student), ("teacher", teacher)):
+            if m is None:  # teacher_cache: the teacher saw this data already
+                continue
             limit = getattr(m.config.get_text_config(), "max_position_embeddings", None)
             if limit:
                 limits.append((limit, who))
@@ -472,7 +513,7 @@ class DistillationTrainer(Trainer):
 
     def _build_projections(self, student, teacher, args) -> nn.ModuleList:
         """One learned linear map (student width -> teacher width) per hidden pair when widths differ."""
-        ds, dt = _width(student.config), _width(teacher.config)
+        ds, dt = _width(student.config), _width(teacher.config) if teacher is not None else self._teacher_width
         if not self.hidden_pairs or ds == dt:
             return nn.ModuleList()
         # Seeded so that two runs with the same seed start from the same projections.
@@ -595,20 +636,7 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------ normalisers
     def _logit_mask(self, inputs) -> torch.Tensor | None:
         """Valid rows of the logits compared: None for one row per example (sequence classification, QA)."""
-        if self.task not in TOKEN_TASKS:
-            return None
-        labels = inputs.get("labels")
-        if self.task == "causal_lm":
-            # Logits at position i predict token i+1, as in Transformers' own causal-LM loss.
-            if labels is not None:
-                return labels[:, 1:] != -100  # (B, T-1)
-            return inputs["attention_mask"][:, 1:].bool()
-        if labels is not None:
-            return labels != -100  # (B, T)
-        if self.task == "seq2seq_lm":
-            dmask = inputs.get("decoder_attention_mask")
-            return dmask.bool() if dmask is not None else None
-        return inputs["attention_mask"].bool()
+        return logit_row_mask(self.task, inputs)
 
     def _token_mask(self, inputs) -> torch.Tensor:
         mask = inputs.get("attention_mask")
@@ -679,12 +707,23 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
     def _split_inputs(self, inputs):
-        model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_KEYS}
+        model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_KEYS and not k.startswith("kd_teacher_")}
         if self.task == "seq2seq_lm" and "labels" in inputs and "decoder_input_ids" not in model_inputs:
             model_inputs["decoder_input_ids"] = unwrap(self.model).prepare_decoder_input_ids_from_labels(
                 labels=inputs["labels"]
             )
         return model_inputs
+
+    def _cached_kd_loss(self, inputs, targets: _Targets, counts) -> torch.Tensor:
+        """The logit term against the teacher targets read from `teacher_cache` (see `hf_kd.teacher_cache`)."""
+        from .teacher_cache import cached_logit_loss
+
+        return cached_logit_loss(inputs, targets.student[0], targets.mask, self.args, counts["logit"])
+
+    def _cached_hidden(self, inputs, token_mask) -> dict[int, torch.Tensor]:
+        from .teacher_cache import cached_hidden_states
+
+        return cached_hidden_states(inputs, sorted({kt for _, kt in self.hidden_pairs}), token_mask)
 
     def _targets(self, inputs, s_out, t_out) -> _Targets:
         if self.task == "question_answering":
@@ -746,7 +785,9 @@ class DistillationTrainer(Trainer):
         with s_cap:
             s_out = model(**model_inputs, **extra)
         t_out = None
-        if args.uses_teacher_logits or need_hidden or need_attn or need_qkv or args.uses_relations:
+        if self.teacher is not None and (
+            args.uses_teacher_logits or need_hidden or need_attn or need_qkv or args.uses_relations
+        ):
             with t_cap:  # the first teacher's q/k/v (several teachers refuse MiniLM and relations)
                 t_out = self._teacher_target(inputs, model_inputs, extra)
 
@@ -755,7 +796,11 @@ class DistillationTrainer(Trainer):
 
         targets = self._targets(inputs, s_out, t_out)
         n_heads = len(targets.student)
-        if args.uses_teacher_logits:
+        if args.uses_teacher_logits and self.teacher is None:
+            kd = self._cached_kd_loss(inputs, targets, counts)
+            components["kd_loss"] = kd
+            total = total + args.alpha * args.temperature**2 * kd
+        elif args.uses_teacher_logits:
             kd = sum(
                 logit_distillation_loss(
                     s, t, targets.mask, kind=args.kd_loss, temperature=args.temperature,
@@ -776,7 +821,8 @@ class DistillationTrainer(Trainer):
 
         token_mask = self._token_mask(inputs)
         if need_hidden:
-            s_hidden, t_hidden = s_out.hidden_states, t_out.hidden_states
+            s_hidden = s_out.hidden_states
+            t_hidden = t_out.hidden_states if t_out is not None else self._cached_hidden(inputs, token_mask)
             losses = []
             for i, (ks, kt) in enumerate(self.hidden_pairs):
                 hs = s_hidden[ks]
@@ -933,6 +979,11 @@ class DistillationTrainer(Trainer):
 
         Returns `evaluate`'s dict with keys ``teacher_eval_*``; they are logged like the student's.
         """
+        if self.teacher is None:
+            raise InputError(
+                f"there is no teacher to evaluate: this trainer reads its targets from teacher_cache="
+                f"{self.args.teacher_cache}. Load the teacher and evaluate it with transformers.Trainer."
+            )
         self._evaluating_teacher = True
         try:
             return self.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -1110,7 +1161,7 @@ class DistillationTrainer(Trainer):
         student = self._evaluations.get("student")
         if student is None or student[0] != self.state.global_step:
             self.evaluate()
-        if "teacher" not in self._evaluations:  # the teacher is frozen: one evaluation serves every save
+        if "teacher" not in self._evaluations and self.teacher is not None:  # frozen: one evaluation serves all
             self.evaluate_teacher()
 
     def _teacher_sha256(self) -> str:
@@ -1151,7 +1202,8 @@ class DistillationTrainer(Trainer):
         args: DistillationConfig = self.args
         wrapped = self.accelerator.unwrap_model(self.model)
         student = unwrap(wrapped)
-        loaded_from = self.teacher.config.name_or_path
+        cached = self._cache_meta["teacher"] if self._cache_meta is not None else None
+        loaded_from = self.teacher.config.name_or_path if cached is None else cached["name_or_path"]
         teacher_name = info.teacher or self._teacher_source or loaded_from
         base_model = overrides.get("base_model") or info.base_model
         if base_model is None and hub.is_hub_id(teacher_name):
@@ -1181,9 +1233,11 @@ class DistillationTrainer(Trainer):
             "tags": list(dict.fromkeys([*info.tags, *overrides.get("tags", [])])),
             "teacher": {
                 "name_or_path": teacher_name,
-                "note": info.teacher_note,
+                "note": info.teacher_note if cached is None else "; ".join(filter(None, [
+                    info.teacher_note, f"its outputs were read from the cache {args.teacher_cache} "
+                    f"(top-{self._cache_meta['top_k']} logits at temperature {self._cache_meta['temperature']})"])),
                 "loaded_from": loaded_from,
-                "revision": getattr(self.teacher.config, "_commit_hash", None),
+                "revision": getattr(self.teacher.config, "_commit_hash", None) if cached is None else None,
                 "class": self._teacher_class,
                 "parameters": self._teacher_parameters(),
                 "weights_sha256": self._teacher_sha256(),
@@ -1264,13 +1318,13 @@ class DistillationTrainer(Trainer):
                 timings = {
                     role: {str(b): measure_latency_ms(model, {k: v[:b] for k, v in batch.items()},
                                                       repeats=5 if b == 1 else 3, warmup=1) for b in sizes}
-                    for role, model in (("student", student), ("teacher", self.teacher))
+                    for role, model in (("student", student), ("teacher", self.teacher)) if model is not None
                 }
                 cached = self._card_cache["latency"] = (self.state.global_step, sizes, timings)
         if latency and cached is not None and cached[0] == self.state.global_step:
             out["batch_sizes"] = cached[1]
             out["method"] = "median of 5 forward passes at batch 1, of 3 at larger batches, after a warm-up"
-            for role in ("student", "teacher"):
+            for role in cached[2]:
                 out[role]["latency_ms"] = cached[2][role]
         return out
 
