@@ -33,7 +33,7 @@ from .config import DistillationConfig
 from .hub import CardInfo, card_metrics
 from .metrics import load_metric
 from .offline import resolve_dataset, resolve_model
-from .student import student_from_teacher
+from .student import parse_student_config, resolve_student_layers, student_from_config, student_from_teacher
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -280,12 +280,20 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     if model_args.student_model_name_or_path:
         student = AutoModelForSequenceClassification.from_pretrained(resolve_model(model_args.student_model_name_or_path))
         student_init = model_args.student_model_name_or_path
-    elif model_args.student_layers:
-        layers = json.loads(model_args.student_layers)
-        student = student_from_teacher(teacher, layers)
-        student_init = f"teacher layers {layers}"
+    elif model_args.student_layers or model_args.student_config:
+        try:
+            if model_args.student_layers:
+                layers = resolve_student_layers(model_args.student_layers, teacher.config.num_hidden_layers)
+                student = student_from_teacher(teacher, layers)
+                student_init = f"teacher layers {layers}"
+            else:
+                changes = parse_student_config(model_args.student_config)
+                student = student_from_config(teacher, changes)
+                student_init = f"fresh weights, the teacher's config with {json.dumps(changes)}"
+        except ValueError as err:
+            raise SystemExit(f"hf-kd: {err}") from None
     else:
-        raise SystemExit("hf-kd: give student_model_name_or_path or student_layers (e.g. [1,3,5]).")
+        raise SystemExit("hf-kd: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3) or student_config.")
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
 
