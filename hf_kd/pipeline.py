@@ -368,6 +368,12 @@ def _card_accuracy(trainer, role: str | None) -> float | None:
     return card_metrics(entry[2], entry[1]).get("accuracy")
 
 
+def _scheduled_setting(config, name: str):
+    """`temperature` / `alpha` for the report: the value, or 'start -> end (schedule)'."""
+    kind = getattr(config, f"{name}_schedule")
+    return getattr(config, name) if kind == "constant" else f"{getattr(config, name)} -> {getattr(config, f'{name}_end')} ({kind})"
+
+
 def _report(models, results, held_out, collator, trainer, config, model_args, data_args) -> dict:
     from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
 
@@ -402,8 +408,8 @@ def _report(models, results, held_out, collator, trainer, config, model_args, da
         "epochs": config.num_train_epochs,
         "learning_rate": config.learning_rate,
         "kd_loss": config.kd_loss,
-        "temperature": config.temperature,
-        "alpha": config.alpha,
+        "temperature": _scheduled_setting(config, "temperature"),
+        "alpha": _scheduled_setting(config, "alpha"),
         "hidden_weight": config.hidden_weight,
         "attention_weight": config.attention_weight,
         "layer_map": json.dumps(config.layer_map) if not isinstance(config.layer_map, str) else config.layer_map,
