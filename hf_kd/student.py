@@ -119,6 +119,12 @@ def parse_student_config(value) -> dict:
             f"student_config={value!r} must be a non-empty mapping of config fields, e.g. "
             "{hidden_size: 192, intermediate_size: 768, num_attention_heads: 6, num_hidden_layers: 3}."
         )
+    empty = [key for key, v in value.items() if v is None]
+    if empty:
+        raise ValueError(
+            f"student_config field {empty[0]!r} has no value; write `name: value` with a space after the colon "
+            "(YAML), or JSON such as '{\"hidden_size\": 192}'."
+        )
     return dict(value)
 
 

@@ -227,6 +227,7 @@ def test_student_config_of_a_decoder_recomputes_its_head_size():
         ({"num_hidden_layers": 0}, "num_hidden_layers=0 must be a positive integer"),
         ({"hidden_size": "8"}, "hidden_size='8' must be a positive integer"),
         ({}, "non-empty mapping"),
+        ("{hidden_size:8}", r"'hidden_size:8' has no value; write `name: value` with a space after the colon"),
         ("[1, 2]", "non-empty mapping"),
     ],
 )
