@@ -283,7 +283,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     elif model_args.student_layers or model_args.student_config:
         try:
             if model_args.student_layers:
-                layers = resolve_student_layers(model_args.student_layers, teacher.config.num_hidden_layers)
+                depth = teacher.config.get_text_config().num_hidden_layers
+                layers = resolve_student_layers(model_args.student_layers, depth)
                 student = student_from_teacher(teacher, layers)
                 student_init = f"teacher layers {layers}"
             else:
@@ -370,8 +371,8 @@ def _card_accuracy(trainer, role: str | None) -> float | None:
 
 def _scheduled_setting(config, name: str):
     """`temperature` / `alpha` for the report: the value, or 'start -> end (schedule)'."""
-    kind = getattr(config, f"{name}_schedule")
-    return getattr(config, name) if kind == "constant" else f"{getattr(config, name)} -> {getattr(config, f'{name}_end')} ({kind})"
+    kind, start, end = getattr(config, f"{name}_schedule"), getattr(config, name), getattr(config, f"{name}_end")
+    return start if kind == "constant" else f"{start} -> {end} ({kind})"
 
 
 def _report(models, results, held_out, collator, trainer, config, model_args, data_args) -> dict:

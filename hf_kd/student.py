@@ -138,7 +138,8 @@ def student_config_from(teacher_config, overrides: dict):
     for key in overrides:
         if key not in known and not hasattr(text, key):
             near = difflib.get_close_matches(key, known, n=1)
-            problems.append(f"{type(text).__name__} has no field {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(f"{type(text).__name__} has no field {key!r}{hint}")
     for key in SIZE_FIELDS:
         value = overrides.get(key)
         if key in overrides and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
