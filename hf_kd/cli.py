@@ -64,6 +64,9 @@ class ModelArguments:
     def __post_init__(self):
         from .student import parse_student_config, parse_student_layers
 
+        for name in ("student_layers", "student_config"):  # `--student_layers null` unsets a recipe's value
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("", "null", "none"):
+                setattr(self, name, None)
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give student_layers (teacher layers and weights) or student_config (fresh weights), "
                              "not both.")

@@ -271,6 +271,9 @@ def test_recipe_student_fields_are_checked_when_parsed(tmp_path):
         parse_distill_args(["--config", str(recipe), "--student_config", "{hidden_size: 8}"])
     with pytest.raises(SystemExit, match="neither a number of layers"):
         parse_distill_args(["--config", str(recipe), "--student_layers", "two"])
+    # The command line can swap the recipe's student_layers for a student_config.
+    model = parse_distill_args(["--config", str(recipe), "--student_layers", "null", "--student_config", "{num_hidden_layers: 1}"])[0]
+    assert model.student_layers is None and parse_student_config(model.student_config) == {"num_hidden_layers": 1}
     recipe.write_text("# hf-kd distill --config r.yaml\nteacher_model_name_or_path: t\ndataset_name: d\n"
                       "student_config: {hidden_size: 8, num_attention_heads: 2}\n")
     model = parse_distill_args(["--config", str(recipe)])[0]
