@@ -8,6 +8,9 @@ Every Trainer flag keeps its meaning; the fields below add the loss. The total l
 where the CE term is present only when the batch has labels. For ``kd_loss="mse"`` D is the mean
 squared error of the raw logits and neither T nor T^2 applies (T^2 only compensates for the 1/T^2
 that softening puts on the gradients of the softened distributions).
+
+T and alpha may change from step to step (``temperature_schedule`` / ``alpha_schedule``, see
+`hf_kd.schedules`); the formula then uses each optimizer step's values.
 """
 
 from __future__ import annotations
