@@ -3,6 +3,7 @@
 from .config import DistillationConfig
 from .hub import CardInfo, PushError, push_student, read_provenance, weights_sha256
 from .teacher_cache import cache_teacher_outputs, load_cached_dataset
+from .student import init_student, student_from_config, student_from_teacher, uniform_layers
 from .trainer import DistillationTrainer, InputError, NonFiniteLossError
 
 __version__ = "0.1.0"
@@ -19,5 +20,9 @@ __all__ = [
     "weights_sha256",
     "cache_teacher_outputs",
     "load_cached_dataset",
+    "init_student",
+    "student_from_config",
+    "student_from_teacher",
+    "uniform_layers",
     "__version__",
 ]

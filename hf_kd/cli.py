@@ -1,6 +1,7 @@
 """`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`, and
 `hf-kd push --model DIR --repo_id NAME` to publish a saved student (see `hf_kd.hub`), and
 `hf-kd cache-teacher --config RECIPE --output_dir DIR` to save a teacher's outputs (see `hf_kd.teacher_cache`).
+`hf-kd init-student --teacher DIR --layers 3 --output_dir DIR` to make a student folder (see `hf_kd.student`).
 
 A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
 `DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
@@ -34,7 +35,18 @@ class ModelArguments:
     )
     student_layers: str | None = field(
         default=None,
-        metadata={"help": "Make the student from these teacher layers (1-based JSON list, e.g. [1,3,5])."},
+        metadata={
+            "help": "Make the student from teacher layers, with their weights: a 1-based list (e.g. [1,3,5]) or a "
+            "number N (N layers spread evenly, the last included; see hf_kd.student.uniform_layers)."
+        },
+    )
+    student_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of student_layers: a fresh student of the teacher's architecture with these config "
+            "fields changed, a mapping such as {hidden_size: 192, intermediate_size: 768, num_attention_heads: 6, "
+            "num_hidden_layers: 3}."
+        },
     )
     teacher_finetune_epochs: float = field(
         default=0.0,
@@ -49,6 +61,20 @@ class ModelArguments:
         metadata={"help": "Seed of the teacher fine-tune, apart from `seed` so that student seeds share one teacher."},
     )
     cache_dir: str = field(default="~/.cache/hf_kd", metadata={"help": "Where fine-tuned teachers are cached."})
+
+    def __post_init__(self):
+        from .student import parse_student_config, parse_student_layers
+
+        for name in ("student_layers", "student_config"):  # `--student_layers null` unsets a recipe's value
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("", "null", "none"):
+                setattr(self, name, None)
+        if self.student_layers is not None and self.student_config is not None:
+            raise ValueError("give student_layers (teacher layers and weights) or student_config (fresh weights), "
+                             "not both.")
+        if self.student_layers is not None:
+            parse_student_layers(self.student_layers)
+        if self.student_config is not None:
+            parse_student_config(self.student_config)
 
 
 @dataclass
@@ -202,6 +228,46 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"[hf-kd] pushed {args.model} to {getattr(info, 'commit_url', None) or args.repo_id}", flush=True)
 
 
+def parse_init_student_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hf-kd init-student",
+        description="Write a student made from a teacher folder: some of its layers with their weights (--layers), "
+        "or its architecture with config fields changed and fresh weights (--student_config); the teacher's "
+        "tokenizer is copied. Use the folder as student_model_name_or_path.",
+    )
+    parser.add_argument("--teacher", required=True, help="The teacher's folder (saved with save_pretrained).")
+    parser.add_argument("--layers", default=None,
+                        help="N (N layers spread evenly, the last included; every other one for N = L/2) or a "
+                        "1-based list such as [1,3,5].")
+    parser.add_argument("--student_config", default=None,
+                        help="Config fields to change, as JSON/YAML, e.g. '{hidden_size: 192, num_attention_heads: 6}'.")
+    parser.add_argument("--output_dir", required=True, help="Where to write the student.")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Allow an output_dir that holds files.")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the fresh weights (--student_config).")
+    args = parser.parse_args(argv)
+    if (args.layers is None) == (args.student_config is None):
+        parser.error("give --layers or --student_config (one of them).")
+    return args
+
+
+def run_init_student(args: argparse.Namespace) -> None:
+    import torch
+
+    from .student import init_student
+
+    torch.manual_seed(args.seed)
+    try:
+        summary = init_student(args.teacher, args.output_dir, layers=args.layers, student_config=args.student_config,
+                               overwrite_output_dir=args.overwrite_output_dir)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"hf-kd init-student: {err}") from None
+    made = (f"teacher layers {summary['layers']} of {summary['teacher_layers']}" if "layers" in summary
+            else f"fresh weights, config changes {json.dumps(summary['student_config'])}")
+    print(f"[hf-kd] student ({made}, {summary['parameters'] / 1e6:.2f}M parameters, teacher "
+          f"{summary['teacher_parameters'] / 1e6:.2f}M) written to {summary['output_dir']}"
+          + ("" if summary["tokenizer"] else " (the teacher folder has no tokenizer)"), flush=True)
+
+
 def check_model_paths(model_args) -> None:
     """A clear message for a teacher or student that is neither a readable model folder nor (online) a Hub id,
     and for a student folder whose tokenizer numbers tokens otherwise than the teacher's."""
@@ -257,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill": "distil a teacher into a student from a YAML recipe (default: the Rotten Tomatoes demo)",
         "push": "publish a saved student to the Hugging Face Hub (hf-kd push --model DIR --repo_id NAME)",
         "cache-teacher": "run a recipe's teacher once and save its top-k logits for distill --teacher_cache DIR",
+        "init-student": "write a student made from a teacher (hf-kd init-student --teacher DIR --layers 3 --output_dir DIR)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: hf-kd COMMAND [options]\n\ncommands:")
@@ -291,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
         except InputError as err:
             raise SystemExit(f"hf-kd: {err}") from None
+    elif command == "init-student":
+        run_init_student(parse_init_student_args(rest))
     return 0
 
 

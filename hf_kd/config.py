@@ -8,6 +8,9 @@ Every Trainer flag keeps its meaning; the fields below add the loss. The total l
 where the CE term is present only when the batch has labels. For ``kd_loss="mse"`` D is the mean
 squared error of the raw logits and neither T nor T^2 applies (T^2 only compensates for the 1/T^2
 that softening puts on the gradients of the softened distributions).
+
+T and alpha may change from step to step (``temperature_schedule`` / ``alpha_schedule``, see
+`hf_kd.schedules`); the formula then uses each optimizer step's values.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .relations import RELATION_LOSSES, RELATION_POOLINGS
 
 #: attention_loss values: the attention-map losses of hf_kd.losses, and MiniLM q/k/v relations (hf_kd.relations).
 ATTENTION_CHOICES = (*ATTENTION_LOSSES, "minilm")
+from .schedules import SCHEDULES, schedule_value
 
 LAYER_MAP_NAMES = ("uniform", "last")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -93,13 +97,37 @@ class DistillationConfig(TrainingArguments):
 
     temperature: float = field(
         default=2.0,
-        metadata={"help": "Softmax temperature T applied to teacher and student logits (> 0)."},
+        metadata={"help": "Softmax temperature T applied to teacher and student logits (> 0); the start value under a "
+        "temperature_schedule."},
     )
     alpha: float = field(
         default=0.5,
         metadata={
-            "help": "Weight of the logit distillation term; (1 - alpha) weighs the hard-label cross-entropy."
+            "help": "Weight of the logit distillation term; (1 - alpha) weighs the hard-label cross-entropy. The "
+            "start value under an alpha_schedule."
         },
+    )
+    temperature_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How T moves over training: constant, linear or cosine from `temperature` at the first "
+            "optimizer step to `temperature_end` at the last (see hf_kd.schedules).",
+            "choices": list(SCHEDULES),
+        },
+    )
+    temperature_end: float | None = field(
+        default=None, metadata={"help": "T at the last optimizer step (> 0); only with a temperature_schedule."}
+    )
+    alpha_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How alpha moves over training: constant, linear or cosine from `alpha` at the first "
+            "optimizer step to `alpha_end` at the last.",
+            "choices": list(SCHEDULES),
+        },
+    )
+    alpha_end: float | None = field(
+        default=None, metadata={"help": "alpha at the last optimizer step, in [0, 1]; only with an alpha_schedule."}
     )
     kd_loss: str = field(
         default="forward_kl",
@@ -241,10 +269,24 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r} is unknown; use 'stop' or 'skip'.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             problems.append(f"teacher_dtype={self.teacher_dtype!r} is unknown; use one of {', '.join(TEACHER_DTYPES)}.")
+        for name, low, high, example in (("temperature", 0.0, None, "1.0"), ("alpha", 0.0, 1.0, "0.1")):
+            kind, end = getattr(self, f"{name}_schedule"), getattr(self, f"{name}_end")
+            if kind not in SCHEDULES:
+                problems.append(f"{name}_schedule={kind!r} is unknown; use one of {', '.join(SCHEDULES)}.")
+            elif kind == "constant" and end is not None:
+                problems.append(
+                    f"{name}_end={end} is set but {name}_schedule is 'constant'; set {name}_schedule to linear or "
+                    f"cosine, or drop {name}_end."
+                )
+            elif kind != "constant" and end is None:
+                problems.append(f"{name}_schedule={kind!r} needs {name}_end, the value at the last step (e.g. {example}).")
+            elif kind != "constant" and not (end > low if high is None else low <= end <= high):
+                where = f"> {low}" if high is None else f"in [{low}, {high}]"
+                problems.append(f"{name}_end={end} must be {where}.")
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; weights must be >= 0.")
-        if not problems and self.alpha == 0 and self.hidden_weight == 0 and self.attention_weight == 0 \
+        if not problems and not self.uses_teacher_logits and self.hidden_weight == 0 and self.attention_weight == 0 \
                 and self.relation_weight == 0:
             problems.append(
                 "every distillation weight is zero (alpha=0, hidden_weight=0, attention_weight=0, relation_weight=0), "
@@ -257,6 +299,9 @@ class DistillationConfig(TrainingArguments):
             except ValueError as err:
                 problems.append(str(err))
         problems += weight_problems(self.teacher_weights)
+        if self.teacher_cache and self.temperature_schedule != "constant":
+            problems.append("teacher_cache holds the teacher's distribution at one temperature; use "
+                            "temperature_schedule='constant' or distil with the live teacher.")
         if self.teacher_cache and self.attention_weight > 0:
             problems.append("teacher_cache holds no attention maps; set attention_weight=0 or distil with the live teacher.")
         if self.teacher_cache and self.relation_weight > 0:
@@ -276,7 +321,14 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def uses_teacher_logits(self) -> bool:
-        return self.alpha > 0
+        """alpha > 0 at some step (a schedule may start or end at 0)."""
+        return self.alpha > 0 or (self.alpha_schedule != "constant" and (self.alpha_end or 0) > 0)
+
+    def scheduled(self, name: str, step: int, total_steps: int) -> float:
+        """`temperature` or `alpha` at optimizer step `step` (0-based) of `total_steps`, after its schedule."""
+        return schedule_value(
+            getattr(self, f"{name}_schedule"), getattr(self, name), getattr(self, f"{name}_end"), step, total_steps
+        )
 
     @property
     def uses_hidden(self) -> bool:

@@ -466,8 +466,9 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         ["data", f"{_link(dataset, 'datasets/')}, train split `{data.get('train_split')}`" if dataset else "n/a"],
         ["training rows", _fmt(data.get("train_rows"))],
     ]
-    for key in ("kd_loss", "temperature", "alpha", "jsd_beta", "hidden_weight", "hidden_loss", "attention_weight",
-                "attention_loss", "layer_map", "hidden_pairs", "attention_pairs", "projections"):
+    for key in ("kd_loss", "temperature", "temperature_schedule", "temperature_end", "alpha", "alpha_schedule",
+                "alpha_end", "jsd_beta", "hidden_weight", "hidden_loss", "attention_weight", "attention_loss",
+                "layer_map", "hidden_pairs", "attention_pairs", "projections"):
         if key in kd:
             settings.append([key, f"`{json.dumps(kd[key])}`" if isinstance(kd[key], (list, dict)) else str(kd[key])])
     training = record.get("training", {})

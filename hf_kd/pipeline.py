@@ -33,7 +33,7 @@ from .config import DistillationConfig
 from .hub import CardInfo, card_metrics
 from .metrics import load_metric
 from .offline import resolve_dataset, resolve_model
-from .student import student_from_teacher
+from .student import parse_student_config, resolve_student_layers, student_from_config, student_from_teacher
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -283,12 +283,21 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     if model_args.student_model_name_or_path:
         student = AutoModelForSequenceClassification.from_pretrained(resolve_model(model_args.student_model_name_or_path))
         student_init = model_args.student_model_name_or_path
-    elif model_args.student_layers:
-        layers = json.loads(model_args.student_layers)
-        student = student_from_teacher(teacher, layers)
-        student_init = f"teacher layers {layers}"
+    elif model_args.student_layers or model_args.student_config:
+        try:
+            if model_args.student_layers:
+                depth = teacher.config.get_text_config().num_hidden_layers
+                layers = resolve_student_layers(model_args.student_layers, depth)
+                student = student_from_teacher(teacher, layers)
+                student_init = f"teacher layers {layers}"
+            else:
+                changes = parse_student_config(model_args.student_config)
+                student = student_from_config(teacher, changes)
+                student_init = f"fresh weights, the teacher's config with {json.dumps(changes)}"
+        except ValueError as err:
+            raise SystemExit(f"hf-kd: {err}") from None
     else:
-        raise SystemExit("hf-kd: give student_model_name_or_path or student_layers (e.g. [1,3,5]).")
+        raise SystemExit("hf-kd: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3) or student_config.")
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
 
@@ -371,6 +380,12 @@ def _card_accuracy(trainer, role: str | None) -> float | None:
     return card_metrics(entry[2], entry[1]).get("accuracy")
 
 
+def _scheduled_setting(config, name: str):
+    """`temperature` / `alpha` for the report: the value, or 'start -> end (schedule)'."""
+    kind, start, end = getattr(config, f"{name}_schedule"), getattr(config, name), getattr(config, f"{name}_end")
+    return start if kind == "constant" else f"{start} -> {end} ({kind})"
+
+
 def _report(models, results, held_out, collator, trainer, config, model_args, data_args) -> dict:
     from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
 
@@ -405,8 +420,8 @@ def _report(models, results, held_out, collator, trainer, config, model_args, da
         "epochs": config.num_train_epochs,
         "learning_rate": config.learning_rate,
         "kd_loss": config.kd_loss,
-        "temperature": config.temperature,
-        "alpha": config.alpha,
+        "temperature": _scheduled_setting(config, "temperature"),
+        "alpha": _scheduled_setting(config, "alpha"),
         "hidden_weight": config.hidden_weight,
         "attention_weight": config.attention_weight,
         "layer_map": json.dumps(config.layer_map) if not isinstance(config.layer_map, str) else config.layer_map,

@@ -580,6 +580,9 @@ class DistillationTrainer(Trainer):
                 "attention_pairs": [list(p) for p in self.attention_pairs],
                 "projections": len(self.projections),
                 **self._relation_settings(),
+                # Only when scheduled, so that checkpoints made before schedules existed still resume.
+                **{f"{name}_{key}": getattr(args, f"{name}_{key}") for name in ("temperature", "alpha")
+                   if getattr(args, f"{name}_schedule") != "constant" for key in ("schedule", "end")},
             },
         }
 
@@ -606,10 +609,10 @@ class DistillationTrainer(Trainer):
             saved = json.load(f)
         now = json.loads(json.dumps(self._run_signature()))  # tuples -> lists, as read back
         diffs = [
-            f"{group}.{key}: checkpoint {saved.get(group, {}).get(key)!r}, now {value!r}"
+            f"{group}.{key}: checkpoint {saved.get(group, {}).get(key)!r}, now {fields.get(key)!r}"
             for group, fields in now.items()
-            for key, value in fields.items()
-            if saved.get(group, {}).get(key) != value
+            for key in {**saved.get(group, {}), **fields}  # a key on one side only differs too
+            if saved.get(group, {}).get(key) != fields.get(key)
         ]
         if diffs:
             raise InputError(
@@ -706,6 +709,19 @@ class DistillationTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------ the loss
+    def _scheduled(self, name: str, step: int | None = None) -> float:
+        """`temperature` or `alpha` at optimizer step `step` (default: the step being computed), per its schedule.
+
+        Outside a training loop (no max_steps yet) this is the start value."""
+        step = self.state.global_step if step is None else step
+        return self.args.scheduled(name, step, self.state.max_steps or 1)
+
+    def _current_temperature(self) -> float:
+        return self._scheduled("temperature")
+
+    def _current_alpha(self) -> float:
+        return self._scheduled("alpha")
+
     def _split_inputs(self, inputs):
         model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_KEYS and not k.startswith("kd_teacher_")}
         if self.task == "seq2seq_lm" and "labels" in inputs and "decoder_input_ids" not in model_inputs:
@@ -753,7 +769,7 @@ class DistillationTrainer(Trainer):
             return outputs[0]
         class_mask = self._token_mask(inputs) if self.task == "question_answering" else None
         return teachers.combine_outputs(
-            outputs, self.teacher_weights, kind=self.args.kd_loss, temperature=self.args.temperature,
+            outputs, self.teacher_weights, kind=self.args.kd_loss, temperature=self._current_temperature(),
             class_mask=class_mask,
         )
 
@@ -796,28 +812,29 @@ class DistillationTrainer(Trainer):
 
         targets = self._targets(inputs, s_out, t_out)
         n_heads = len(targets.student)
+        temperature, alpha = self._current_temperature(), self._current_alpha()
         if args.uses_teacher_logits and self.teacher is None:
-            kd = self._cached_kd_loss(inputs, targets, counts)
+            kd = self._cached_kd_loss(inputs, targets, counts)  # at the cache's temperature (no T schedule)
             components["kd_loss"] = kd
-            total = total + args.alpha * args.temperature**2 * kd
+            total = total + alpha * temperature**2 * kd
         elif args.uses_teacher_logits:
             kd = sum(
                 logit_distillation_loss(
-                    s, t, targets.mask, kind=args.kd_loss, temperature=args.temperature,
+                    s, t, targets.mask, kind=args.kd_loss, temperature=temperature,
                     jsd_beta=args.jsd_beta, normalizer=counts["logit"], class_mask=targets.class_mask,
                 )
                 for s, t in zip(targets.student, targets.teacher)
             ) / n_heads
-            scale = 1.0 if args.kd_loss == "mse" else args.temperature**2
+            scale = 1.0 if args.kd_loss == "mse" else temperature**2
             components["kd_loss"] = kd
-            total = total + args.alpha * scale * kd
-        if all(label is not None for label in targets.labels) and args.alpha < 1:
+            total = total + alpha * scale * kd
+        if all(label is not None for label in targets.labels) and alpha < 1:
             ce = sum(
                 cross_entropy_loss(s, label, normalizer=counts["label"], class_mask=targets.class_mask)
                 for s, label in zip(targets.student, targets.labels)
             ) / n_heads
             components["ce_loss"] = ce
-            total = total + (1 - args.alpha) * ce
+            total = total + (1 - alpha) * ce
 
         token_mask = self._token_mask(inputs)
         if need_hidden:
@@ -957,6 +974,10 @@ class DistillationTrainer(Trainer):
             for i, name in enumerate(COMPONENTS):
                 if totals[len(COMPONENTS) + i] > 0:
                     logs[name] = totals[i] / steps
+            # A scheduled temperature / alpha: the value the window's last optimizer step used.
+            for name in ("temperature", "alpha"):
+                if getattr(self.args, f"{name}_schedule") != "constant":
+                    logs[name] = self._scheduled(name, self.state.global_step - 1)
             self._component_sums = {}
             self._steps_since_log = 0
         super().log(logs, start_time)
@@ -1209,6 +1230,9 @@ class DistillationTrainer(Trainer):
         if base_model is None and hub.is_hub_id(teacher_name):
             base_model = teacher_name
         kd = {"kd_loss": args.kd_loss, "temperature": args.temperature, "alpha": args.alpha}
+        for name in ("temperature", "alpha"):  # a schedule: from the value above to *_end
+            if getattr(args, f"{name}_schedule") != "constant":
+                kd.update({f"{name}_schedule": getattr(args, f"{name}_schedule"), f"{name}_end": getattr(args, f"{name}_end")})
         if args.kd_loss == "jsd":
             kd["jsd_beta"] = args.jsd_beta
         kd.update(hidden_weight=args.hidden_weight, hidden_loss=args.hidden_loss,
