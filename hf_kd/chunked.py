@@ -33,6 +33,7 @@ from .losses import KD_LOSSES, Normalizer, _check_kind, _valid_mask, cross_entro
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "chunked_logit_distillation_loss",
+    "chunked_cross_entropy_loss",
     "linear_distillation_loss",
     "linear_cross_entropy_loss",
     "linear_head_loss",
@@ -69,38 +70,32 @@ def _take(index: tuple[Tensor, ...], start: int, stop: int) -> tuple[Tensor, ...
 # --------------------------------------------------------------------------- #
 # (a) from full logits
 # --------------------------------------------------------------------------- #
-class _ChunkedLogitKD(torch.autograd.Function):
+class _ChunkedRows(torch.autograd.Function):
+    """``sum over chunks of chunk_loss(logits[rows], rows)``; backward recomputes one chunk at a time."""
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, valid, denom, kind, temperature, jsd_beta, chunk_size):
-        index = _rows(valid)
+    def forward(ctx, student_logits, chunk_loss, index, chunk_size):
         n = index[0].numel() if index else 0
         total = torch.zeros((), dtype=_F32, device=student_logits.device)
         for start in range(0, n, chunk_size):
             rows = _take(index, start, start + chunk_size)
-            total = total + logit_distillation_loss(
-                student_logits[rows], teacher_logits[rows], None, kind=kind, temperature=temperature,
-                jsd_beta=jsd_beta, normalizer=denom,
-            )  # (c, V) fp32 intermediates, freed after each chunk
-        ctx.save_for_backward(student_logits, teacher_logits, denom, *index)
-        ctx.settings = (kind, temperature, jsd_beta, chunk_size, n)
+            total = total + chunk_loss(student_logits[rows], rows)  # (c, V) fp32 intermediates, freed per chunk
+        ctx.save_for_backward(student_logits, *index)
+        ctx.chunk = (chunk_loss, chunk_size, n)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        student_logits, teacher_logits, denom, *index = ctx.saved_tensors
-        kind, temperature, jsd_beta, chunk_size, n = ctx.settings
-        grad = torch.zeros_like(student_logits)  # (..., V) the gradient itself, in the logits' dtype
+        student_logits, *index = ctx.saved_tensors
+        chunk_loss, chunk_size, n = ctx.chunk
+        grad = torch.zeros_like(student_logits)  # (..., V): the gradient itself, in the logits' dtype
         for start in range(0, n, chunk_size):
             rows = _take(index, start, start + chunk_size)
             with torch.enable_grad():
                 zs = student_logits[rows].detach().requires_grad_()  # (c, V)
-                loss = logit_distillation_loss(
-                    zs, teacher_logits[rows], None, kind=kind, temperature=temperature, jsd_beta=jsd_beta,
-                    normalizer=denom,
-                )
-                (g,) = torch.autograd.grad(loss, zs, grad_output)
+                (g,) = torch.autograd.grad(chunk_loss(zs, rows), zs, grad_output)
             grad[rows] = g
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None
 
 
 def chunked_logit_distillation_loss(
@@ -135,9 +130,38 @@ def chunked_logit_distillation_loss(
     device = student_logits.device
     valid = _valid_mask(mask, student_logits.shape[:-1], device)  # (...)
     denom = _denominator(normalizer, valid.sum(), device)
-    return _ChunkedLogitKD.apply(
-        student_logits, teacher_logits.detach(), valid, denom, kind, float(temperature), float(jsd_beta), chunk_size
-    )
+    teacher_logits = teacher_logits.detach()
+
+    def chunk_loss(zs: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+        return logit_distillation_loss(
+            zs, teacher_logits[rows], None, kind=kind, temperature=temperature, jsd_beta=jsd_beta, normalizer=denom
+        )
+
+    return _ChunkedRows.apply(student_logits, chunk_loss, _rows(valid), chunk_size)
+
+
+def chunked_cross_entropy_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """`hf_kd.losses.cross_entropy_loss` computed ``chunk_size`` labelled positions at a time (see above)."""
+    _check_chunk(chunk_size)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal logits leading shape {tuple(logits.shape[:-1])}"
+        )
+    labels = labels.to(logits.device)
+    valid = labels != ignore_index  # (...)
+    denom = _denominator(normalizer, valid.sum(), logits.device)
+
+    def chunk_loss(z: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+        return cross_entropy_loss(z, labels[rows], normalizer=denom)  # every row of a chunk has a label
+
+    return _ChunkedRows.apply(logits, chunk_loss, _rows(valid), chunk_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -154,8 +178,9 @@ class HeadLoss:
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
-    if dtype is not None:
-        hidden = hidden.to(dtype)
+    if dtype is not None:  # as autocast runs a linear layer: every operand in its dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return F.linear(hidden, weight, bias)  # (c, V)
 
 
@@ -360,3 +385,51 @@ def linear_cross_entropy_loss(
         hidden, weight, labels=labels, student_bias=bias, kd_weight=None, ce_weight=1.0,
         ce_normalizer=normalizer, ignore_index=ignore_index, chunk_size=chunk_size,
     ).loss
+
+
+# --------------------------------------------------------------------------- #
+# reading the hidden states that enter a model's head (used by the trainer)
+# --------------------------------------------------------------------------- #
+class HeadTap:
+    """Forward pre-hook on a linear head: keeps the hidden states it receives and lets it compute logits
+    for the first ``keep`` positions only (None = all), so the model never makes its full logits.
+
+    After the forward pass: ``hidden`` (..., T, D) is what entered the head, ``dtype`` the autocast dtype
+    its matmul ran in (None without autocast), ``calls`` how often the head ran (the route needs 1).
+    Use as a context manager around the forward pass.
+    """
+
+    def __init__(self, head: torch.nn.Module, keep: Optional[int] = None):
+        self.head, self.keep = head, keep
+        self.hidden: Optional[Tensor] = None
+        self.dtype: Optional[torch.dtype] = None
+        self.calls = 0
+        self._handle = None
+
+    def _hook(self, module, args):
+        h = args[0]
+        self.hidden, self.calls = h, self.calls + 1
+        device = h.device.type
+        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if self.keep is None or h.dim() < 2:
+            return None
+        return (h[..., : self.keep, :], *args[1:])  # (..., keep, D)
+
+    def __enter__(self) -> "HeadTap":
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def reproduces(self, logits: Tensor, positions: int = 8) -> bool:
+        """Whether ``head(hidden)`` gives the model's own ``logits`` (nothing after the head: no soft-capping,
+        no scaling), compared on the first ``positions`` positions."""
+        h = self.hidden
+        if self.calls != 1 or h is None or h.dim() < 2 or logits.shape[:-1] != h.shape[:-1]:
+            return False
+        with torch.no_grad():
+            mine = _logits(h[..., :positions, :], self.head.weight, self.head.bias, self.dtype).float()
+            theirs = logits[..., :positions, :].float()
+            tol = 1e-4 if (self.dtype or self.head.weight.dtype) == torch.float32 else 2e-2
+            return bool(torch.allclose(mine, theirs, rtol=tol, atol=tol))

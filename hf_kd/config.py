@@ -146,6 +146,16 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    logit_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "Token-level tasks: compute the logit losses this many positions at a time, so no "
+            "tokens x vocabulary fp32 tensor exists (causal/masked/seq2seq LM: from the hidden states through the "
+            "head, the full logits are never made). 0 = auto (chunks of 1024 when the vocabulary has >= 8192 "
+            "entries), -1 = never chunk. Same loss and gradients either way.",
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         problems = []
@@ -167,6 +177,11 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"nonfinite_loss={self.nonfinite_loss!r} is unknown; use 'stop' or 'skip'.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             problems.append(f"teacher_dtype={self.teacher_dtype!r} is unknown; use one of {', '.join(TEACHER_DTYPES)}.")
+        if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size < -1:
+            problems.append(
+                f"logit_chunk_size={self.logit_chunk_size!r} must be an int >= -1 (0 = auto, -1 = never chunk, "
+                "N > 0 = N positions per chunk)."
+            )
         for name in ("hidden_weight", "attention_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; weights must be >= 0.")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from . import distributed, hub
+from .chunked import DEFAULT_CHUNK_SIZE, HeadTap, chunked_cross_entropy_loss, chunked_logit_distillation_loss, linear_head_loss
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -35,6 +37,12 @@ SCAN_ROWS = 10_000
 COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss")
 # Keys of a batch that are targets, not model inputs.
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
+#: logit_chunk_size=0 (auto) chunks the logit losses of token-level tasks from this many classes on.
+AUTO_CHUNK_MIN_VOCAB = 8192
+# Tasks whose logits come from a linear head over the vocabulary: the chunked losses can start from its input.
+HEAD_TASKS = ("causal_lm", "masked_lm", "seq2seq_lm")
+# Config fields of models that change the logits after the head (soft-capping, scales): no head route.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _depth(config) -> int:
@@ -196,6 +204,7 @@ class DistillationTrainer(Trainer):
         )
         self.projections.to(self.args.device)
         self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
+        self._head_route: bool | None = None  # logit losses through the heads: None = not verified yet
 
     # ------------------------------------------------------------------ checks and set-up
     def create_accelerator_and_postprocess(self) -> None:
@@ -618,31 +627,41 @@ class DistillationTrainer(Trainer):
         if need_attn:
             extra["output_attentions"] = True
 
-        s_out = model(**model_inputs, **extra)
+        s_tap, t_tap = self._head_taps(model)
+        with s_tap or nullcontext():
+            s_out = model(**model_inputs, **extra)
         t_out = None
         if args.uses_teacher_logits or need_hidden or need_attn:
-            with torch.no_grad(), self.accelerator.autocast():  # mixed precision reaches the teacher too
+            # no_grad rather than inference_mode: FSDP and DeepSpeed write into the teacher's buffers.
+            with torch.no_grad(), self.accelerator.autocast(), t_tap or nullcontext():  # autocast: mixed precision
                 t_out = self._teacher_runner(**model_inputs, **extra)
+        heads = self._verified_heads(s_tap, t_tap, s_out, t_out)
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device, dtype=torch.float32)
 
         targets = self._targets(inputs, s_out, t_out)
         n_heads = len(targets.student)
-        if args.uses_teacher_logits:
+        chunk = self._logit_chunk_size()
+        kd_loss = chunked_logit_distillation_loss if chunk else logit_distillation_loss
+        ce_loss = chunked_cross_entropy_loss if chunk else cross_entropy_loss
+        chunking = {"chunk_size": chunk} if chunk else {"class_mask": targets.class_mask}  # token tasks: no class mask
+        if heads is not None:  # the logits are never made: the losses start from what enters the heads
+            total = total + self._head_logit_terms(heads, targets, counts, components)
+        elif args.uses_teacher_logits:
             kd = sum(
-                logit_distillation_loss(
+                kd_loss(
                     s, t, targets.mask, kind=args.kd_loss, temperature=args.temperature,
-                    jsd_beta=args.jsd_beta, normalizer=counts["logit"], class_mask=targets.class_mask,
+                    jsd_beta=args.jsd_beta, normalizer=counts["logit"], **chunking,
                 )
                 for s, t in zip(targets.student, targets.teacher)
             ) / n_heads
             scale = 1.0 if args.kd_loss == "mse" else args.temperature**2
             components["kd_loss"] = kd
             total = total + args.alpha * scale * kd
-        if all(label is not None for label in targets.labels) and args.alpha < 1:
+        if heads is None and all(label is not None for label in targets.labels) and args.alpha < 1:
             ce = sum(
-                cross_entropy_loss(s, label, normalizer=counts["label"], class_mask=targets.class_mask)
+                ce_loss(s, label, normalizer=counts["label"], **chunking)
                 for s, label in zip(targets.student, targets.labels)
             ) / n_heads
             components["ce_loss"] = ce
@@ -693,6 +712,97 @@ class DistillationTrainer(Trainer):
         # Counts are summed over every process; DDP averages gradients, so the sum is restored here.
         total = total * self.args.world_size
         return (total, s_out) if return_outputs else total
+
+    # ------------------------------------------------------------------ chunked logit losses (hf_kd.chunked)
+    def _logit_chunk_size(self) -> int:
+        """Positions per chunk of the logit losses (`logit_chunk_size`); 0 = unchunked."""
+        size = self.args.logit_chunk_size
+        if size == -1 or self.task not in TOKEN_TASKS:
+            return 0
+        if size > 0:
+            return size
+        config = unwrap(self.accelerator.unwrap_model(self.model)).config
+        classes = config.num_labels if self.task == "token_classification" else config.get_text_config().vocab_size
+        return DEFAULT_CHUNK_SIZE if classes >= AUTO_CHUNK_MIN_VOCAB else 0
+
+    def _head_route_problem(self, student, teacher) -> str | None:
+        """Why the logit losses cannot start from the heads' inputs, or None."""
+        if self._backend.kind != distributed.SINGLE:
+            # Under DDP, FSDP and DeepSpeed the heads' weights are read outside the wrapped forward pass, which
+            # is untested (FSDP and ZeRO-3 even hold them in shards): the full logits are chunked instead.
+            return f"the run is distributed ({self._backend.name})"
+        for name, m in (("student", student), ("teacher", teacher)):
+            head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+            if type(head) is not nn.Linear:  # an adapter (LoRA) or any other module is not a plain x @ W.T + b
+                return f"the {name}'s output layer is {type(head).__name__}, not a plain torch.nn.Linear"
+            text = m.config.get_text_config()
+            for field in LOGIT_POSTPROCESSING:
+                value = getattr(text, field, None)
+                if value not in (None, 1, 1.0):
+                    return f"the {name} changes its logits after the head ({field}={value})"
+        return None
+
+    def _head_taps(self, model) -> tuple[HeadTap | None, HeadTap | None]:
+        """Hooks on the student's and the teacher's output layers when the logit losses go through them.
+
+        The first batch runs the full heads, to check that ``head(hidden)`` is the model's logits; later
+        batches let each head compute one position only.
+        """
+        if self._head_route is False or self.task not in HEAD_TASKS or not self._logit_chunk_size():
+            return None, None
+        student = unwrap(self.accelerator.unwrap_model(model))
+        if self._head_route is None:
+            problem = self._head_route_problem(student, self.teacher)
+            if problem:
+                logger.info("Chunked logit losses start from the full logits: %s.", problem)
+                self._head_route = False
+                return None, None
+        keep = None if self._head_route is None else 1
+        s_tap = HeadTap(student.get_output_embeddings(), keep)
+        t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else None
+        return s_tap, t_tap
+
+    def _verified_heads(self, s_tap, t_tap, s_out, t_out) -> tuple[HeadTap, HeadTap | None] | None:
+        """The taps when the route is on; on the first batch, after checking that they reproduce the logits."""
+        if s_tap is None:
+            return None
+        if self._head_route is None:
+            ok = s_tap.reproduces(s_out.logits) and (t_tap is None or t_tap.reproduces(t_out.logits))
+            self._head_route = ok
+            if not ok:
+                logger.info(
+                    "Chunked logit losses start from the full logits: the output layer applied to its input does not "
+                    "give the model's logits (something happens after the head, or it runs more than once)."
+                )
+                return None
+        return s_tap, t_tap
+
+    def _head_logit_terms(self, heads, targets: _Targets, counts, components) -> torch.Tensor:
+        """The weighted KD and CE terms from the hidden states entering the heads, chunked (no logits made)."""
+        args: DistillationConfig = self.args
+        s_tap, t_tap = heads
+        hs, ht = s_tap.hidden, t_tap.hidden if t_tap is not None else None  # (B, T, D)
+        if self.task == "causal_lm":  # position i predicts token i+1, as in `_targets`
+            hs, ht = hs[:, :-1], ht[:, :-1] if ht is not None else None  # (B, T-1, D)
+        labels = targets.labels[0]
+        scale = 1.0 if args.kd_loss == "mse" else args.temperature**2
+        kd_weight = args.alpha * scale if args.uses_teacher_logits else None
+        ce_weight = 1 - args.alpha if labels is not None and args.alpha < 1 else None
+        if kd_weight is None and ce_weight is None:
+            return torch.zeros((), device=hs.device)
+        out = linear_head_loss(
+            hs, s_tap.head.weight, ht, t_tap.head.weight if t_tap is not None else None, targets.mask, labels,
+            student_bias=s_tap.head.bias, teacher_bias=t_tap.head.bias if t_tap is not None else None,
+            kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=args.temperature,
+            jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"],
+            chunk_size=self._logit_chunk_size(), student_dtype=s_tap.dtype,
+            teacher_dtype=t_tap.dtype if t_tap is not None else None,
+        )
+        if out.kd is not None:
+            components["kd_loss"] = out.kd
+        if out.ce is not None:
+            components["ce_loss"] = out.ce
+        return out.loss
 
     def _nonfinite_message(self, components, s_out, t_out) -> tuple[str, list[str]]:
         """What was not finite at which step, and where it came from."""

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_kd.chunked import (
+    chunked_cross_entropy_loss,
     chunked_logit_distillation_loss,
     linear_cross_entropy_loss,
     linear_distillation_loss,
@@ -71,6 +72,20 @@ def test_chunked_logits_equal_unchunked_value_and_gradient(kind, chunk):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("normalizer", [None, 11.0])
+def test_chunked_cross_entropy_equals_unchunked(normalizer):
+    hs, _, ws, _, _, _, labels = _data(8)
+    zs = hs @ ws.T
+    zs[0, 5:] = float("nan")
+    zs.requires_grad_()
+    ref = cross_entropy_loss(zs, labels, normalizer=normalizer)
+    (g_ref,) = torch.autograd.grad(ref, zs)
+    out = chunked_cross_entropy_loss(zs, labels, normalizer=normalizer, chunk_size=4)
+    (g,) = torch.autograd.grad(out, zs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
 
 
 def test_chunked_logits_default_denominator_and_all_masked():
@@ -220,3 +235,87 @@ def test_bad_chunk_size_and_missing_inputs_are_refused():
         linear_head_loss(hs, ws, ht, wt, kd_weight=1.0, ce_weight=1.0)
     with pytest.raises(ValueError, match="vocabulary"):
         linear_head_loss(hs, ws, ht, wt[:-1])
+
+
+# --------------------------------------------------------------------------- #
+# the trainer's route
+# --------------------------------------------------------------------------- #
+def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, student_config=None):
+    """Two SGD steps of a tiny Llama pair (vocabulary 1024) on padded rows with -100 labels; the student's
+    weights after them and the number of positions its head computed at each call."""
+    from conftest import ListDataset, make_llama, random_batch, rows_from_batch
+
+    from hf_kd import DistillationConfig, DistillationTrainer
+
+    vocab = 1024
+    teacher = make_llama(layers=2, hidden=16, heads=4, vocab=vocab, seed=1)
+    student = make_llama(layers=1, hidden=8, heads=2, vocab=vocab, seed=2)
+    with torch.no_grad():  # a peaked teacher: the distillation term, not only CE, moves the student
+        teacher.lm_head.weight.mul_(40)
+    for key, value in (student_config or {}).items():
+        setattr(student.config, key, value)
+    batch = random_batch("causal_lm", batch=4, length=10, vocab=vocab, pad_from=[10, 6, 8, 3], seed=4)
+    batch["labels"][0, :3] = -100  # a prompt without labels
+    positions = []
+    student.lm_head.register_forward_hook(lambda m, a, out: positions.append(out.shape[-2]))
+    if head_hook is not None:
+        student.lm_head.register_forward_hook(head_hook)
+    args = DistillationConfig(
+        output_dir=str(tmp_path / f"run{chunk}"), per_device_train_batch_size=4, max_steps=2, optim="sgd",
+        learning_rate=5.0, lr_scheduler_type="constant", max_grad_norm=0.0, warmup_steps=0, report_to=[],
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1,
+        kd_loss=kind, alpha=alpha, temperature=2.0, logit_chunk_size=chunk,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=ListDataset(rows_from_batch(batch)))
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}, positions, trainer._head_route, logs
+
+
+@pytest.mark.parametrize("kind, alpha", [("forward_kl", 0.5), ("jsd", 0.7), ("mse", 1.0)])
+def test_trainer_chunked_through_the_head_gives_the_unchunked_step(tmp_path, kind, alpha):
+    full, full_positions, full_route, full_logs = _llama_step(tmp_path, -1, kind, alpha)
+    chunked, positions, route, logs = _llama_step(tmp_path, 7, kind, alpha)
+    assert full_route is None and full_positions == [10, 10]  # -1: the plain path, full logits
+    # Chunked: the first batch runs the full head once, to check head(hidden) == logits; then one position.
+    assert route is True and positions == [10, 1]
+    for k in full:
+        torch.testing.assert_close(chunked[k], full[k], rtol=1e-5, atol=1e-5, msg=k)
+    for a, b in zip(full_logs, logs):
+        for name in ("loss", "kd_loss", "ce_loss"):
+            assert (name in a) == (name in b)
+            if name in a:
+                assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
+
+
+def test_trainer_step_moves_the_student(tmp_path):
+    """The comparison above is only meaningful if a step changes the weights by far more than 1e-5."""
+    from conftest import make_llama
+
+    before = make_llama(layers=1, hidden=8, heads=2, vocab=1024, seed=2).state_dict()
+    after, *_ = _llama_step(tmp_path, 7)
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-2
+
+
+def test_trainer_falls_back_to_full_logits_when_the_head_is_not_the_logits(tmp_path):
+    """Something applied after the head (here a hook doubling its output; in real models soft-capping or a
+    logit scale) is detected on the first batch: the full logits are chunked instead, same step."""
+    double = lambda m, a, out: out * 2  # noqa: E731
+    full, *_ = _llama_step(tmp_path, -1, head_hook=double)
+    chunked, positions, route, _ = _llama_step(tmp_path, 7, head_hook=double)
+    assert route is False and positions == [10, 10]
+    for k in full:
+        torch.testing.assert_close(chunked[k], full[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_trainer_refuses_the_head_route_for_logit_softcapping(tmp_path):
+    _, positions, route, _ = _llama_step(tmp_path, 7, student_config={"final_logit_softcapping": 30.0})
+    assert route is False and positions == [10, 10]
+
+
+def test_logit_chunk_size_is_validated(tmp_path):
+    from hf_kd import DistillationConfig
+
+    with pytest.raises(ValueError, match="logit_chunk_size"):
+        DistillationConfig(output_dir=str(tmp_path), logit_chunk_size=-2, report_to=[])
