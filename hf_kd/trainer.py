@@ -731,7 +731,8 @@ class DistillationTrainer(Trainer):
             # Under DDP, FSDP and DeepSpeed the heads' weights are read outside the wrapped forward pass, which
             # is untested (FSDP and ZeRO-3 even hold them in shards): the full logits are chunked instead.
             return f"the run is distributed ({self._backend.name})"
-        for name, m in (("student", student), ("teacher", teacher)):
+        models = [("student", student), ("teacher", teacher)][: 2 if self.args.uses_teacher_logits else 1]
+        for name, m in models:
             head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
             if type(head) is not nn.Linear:  # an adapter (LoRA) or any other module is not a plain x @ W.T + b
                 return f"the {name}'s output layer is {type(head).__name__}, not a plain torch.nn.Linear"
@@ -746,26 +747,37 @@ class DistillationTrainer(Trainer):
         """Hooks on the student's and the teacher's output layers when the logit losses go through them.
 
         The first batch runs the full heads, to check that ``head(hidden)`` is the model's logits; later
-        batches let each head compute one position only.
+        batches let each head compute one position only. A teacher whose logits no loss reads (alpha=0) computes
+        one position from the first batch on, whatever the chunking.
         """
+        trim = None if self.args.uses_teacher_logits else self._unused_teacher_head()
         if self._head_route is False or self.task not in HEAD_TASKS or not self._logit_chunk_size():
-            return None, None
+            return None, trim
         student = unwrap(self.accelerator.unwrap_model(model))
         if self._head_route is None:
             problem = self._head_route_problem(student, self.teacher)
             if problem:
                 logger.info("Chunked logit losses start from the full logits: %s.", problem)
                 self._head_route = False
-                return None, None
+                return None, trim
         keep = None if self._head_route is None else 1
         s_tap = HeadTap(student.get_output_embeddings(), keep)
-        t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else None
+        t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else trim
         return s_tap, t_tap
+
+    def _unused_teacher_head(self) -> HeadTap | None:
+        """A tap that stops the teacher's head from making logits nobody reads (its hidden states still are)."""
+        if self.task not in HEAD_TASKS or self._teacher_runner is not self.teacher:
+            return None
+        head = self.teacher.get_output_embeddings()
+        return HeadTap(head, keep=1) if type(head) is nn.Linear else None
 
     def _verified_heads(self, s_tap, t_tap, s_out, t_out) -> tuple[HeadTap, HeadTap | None] | None:
         """The taps when the route is on; on the first batch, after checking that they reproduce the logits."""
         if s_tap is None:
             return None
+        if not self.args.uses_teacher_logits:
+            t_tap = None  # the teacher's tap only trims its unused logits
         if self._head_route is None:
             ok = s_tap.reproduces(s_out.logits) and (t_tap is None or t_tap.reproduces(t_out.logits))
             self._head_route = ok

@@ -240,7 +240,7 @@ def test_bad_chunk_size_and_missing_inputs_are_refused():
 # --------------------------------------------------------------------------- #
 # the trainer's route
 # --------------------------------------------------------------------------- #
-def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, student_config=None):
+def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, student_config=None, **more):
     """Two SGD steps of a tiny Llama pair (vocabulary 1024) on padded rows with -100 labels; the student's
     weights after them and the number of positions its head computed at each call."""
     from conftest import ListDataset, make_llama, random_batch, rows_from_batch
@@ -256,20 +256,22 @@ def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, s
         setattr(student.config, key, value)
     batch = random_batch("causal_lm", batch=4, length=10, vocab=vocab, pad_from=[10, 6, 8, 3], seed=4)
     batch["labels"][0, :3] = -100  # a prompt without labels
-    positions = []
+    positions, teacher_positions = [], []
     student.lm_head.register_forward_hook(lambda m, a, out: positions.append(out.shape[-2]))
+    teacher.lm_head.register_forward_hook(lambda m, a, out: teacher_positions.append(out.shape[-2]))
     if head_hook is not None:
         student.lm_head.register_forward_hook(head_hook)
     args = DistillationConfig(
         output_dir=str(tmp_path / f"run{chunk}"), per_device_train_batch_size=4, max_steps=2, optim="sgd",
         learning_rate=5.0, lr_scheduler_type="constant", max_grad_norm=0.0, warmup_steps=0, report_to=[],
         save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1,
-        kd_loss=kind, alpha=alpha, temperature=2.0, logit_chunk_size=chunk,
+        kd_loss=kind, alpha=alpha, temperature=2.0, logit_chunk_size=chunk, **more,
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=ListDataset(rows_from_batch(batch)))
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
+    _llama_step.teacher_positions = teacher_positions
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, positions, trainer._head_route, logs
 
 
@@ -287,6 +289,18 @@ def test_trainer_chunked_through_the_head_gives_the_unchunked_step(tmp_path, kin
             assert (name in a) == (name in b)
             if name in a:
                 assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
+
+
+def test_trainer_hidden_only_teacher_makes_no_logits_and_ce_goes_through_the_head(tmp_path):
+    """alpha=0: the teacher's logits are never read, so its head computes one position (issue 6.3); the
+    student's CE still goes through its head in chunks, with the unchunked step."""
+    full, full_positions, _, _ = _llama_step(tmp_path, -1, alpha=0.0, hidden_weight=1.0)
+    assert _llama_step.teacher_positions == [1, 1] and full_positions == [10, 10]
+    chunked, positions, route, logs = _llama_step(tmp_path, 7, alpha=0.0, hidden_weight=1.0)
+    assert _llama_step.teacher_positions == [1, 1] and route is True and positions == [10, 1]
+    assert all("ce_loss" in e and "kd_loss" not in e for e in logs)
+    for k in full:
+        torch.testing.assert_close(chunked[k], full[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_trainer_step_moves_the_student(tmp_path):
