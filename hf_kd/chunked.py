@@ -32,6 +32,7 @@ from .losses import KD_LOSSES, Normalizer, _check_kind, _valid_mask, cross_entro
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "auto_chunk_size",
     "chunked_logit_distillation_loss",
     "chunked_cross_entropy_loss",
     "linear_distillation_loss",
@@ -42,7 +43,14 @@ __all__ = [
 
 #: Rows per chunk when none is given: 1024 x a 128k vocabulary is 0.5 GB per fp32 tensor.
 DEFAULT_CHUNK_SIZE = 1024
+#: `auto_chunk_size` keeps one fp32 (chunk, V) tensor near 64 MiB (a chunk's loss and gradient hold about a dozen).
+AUTO_CHUNK_ELEMENTS = 1 << 24
 _F32 = torch.float32
+
+
+def auto_chunk_size(num_classes: int) -> int:
+    """Positions per chunk for ``num_classes`` logits: 512 for a 32k vocabulary, 128 for 128k (at least 64)."""
+    return max(64, AUTO_CHUNK_ELEMENTS // max(int(num_classes), 1))
 
 
 def _check_chunk(chunk_size: int) -> int:

@@ -151,8 +151,8 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Token-level tasks: compute the logit losses this many positions at a time, so no "
             "tokens x vocabulary fp32 tensor exists (causal/masked/seq2seq LM: from the hidden states through the "
-            "head, the full logits are never made). 0 = auto (chunks of 1024 when the vocabulary has >= 8192 "
-            "entries), -1 = never chunk. Same loss and gradients either way.",
+            "head, the full logits are never made). 0 = auto (when the vocabulary has >= 8192 entries, chunks "
+            "of 2^24 / vocabulary positions: 512 for 32k), -1 = never chunk. Same loss and gradients either way.",
         },
     )
 

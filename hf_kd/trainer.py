@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from . import distributed, hub
-from .chunked import DEFAULT_CHUNK_SIZE, HeadTap, chunked_cross_entropy_loss, chunked_logit_distillation_loss, linear_head_loss
+from .chunked import HeadTap, auto_chunk_size, chunked_cross_entropy_loss, chunked_logit_distillation_loss, linear_head_loss
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -723,7 +723,7 @@ class DistillationTrainer(Trainer):
             return size
         config = unwrap(self.accelerator.unwrap_model(self.model)).config
         classes = config.num_labels if self.task == "token_classification" else config.get_text_config().vocab_size
-        return DEFAULT_CHUNK_SIZE if classes >= AUTO_CHUNK_MIN_VOCAB else 0
+        return auto_chunk_size(classes) if classes >= AUTO_CHUNK_MIN_VOCAB else 0
 
     def _head_route_problem(self, student, teacher) -> str | None:
         """Why the logit losses cannot start from the heads' inputs, or None."""

@@ -240,14 +240,14 @@ def test_bad_chunk_size_and_missing_inputs_are_refused():
 # --------------------------------------------------------------------------- #
 # the trainer's route
 # --------------------------------------------------------------------------- #
-def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, student_config=None, **more):
+def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, student_config=None, vocab=1024,
+                **more):
     """Two SGD steps of a tiny Llama pair (vocabulary 1024) on padded rows with -100 labels; the student's
     weights after them and the number of positions its head computed at each call."""
     from conftest import ListDataset, make_llama, random_batch, rows_from_batch
 
     from hf_kd import DistillationConfig, DistillationTrainer
 
-    vocab = 1024
     teacher = make_llama(layers=2, hidden=16, heads=4, vocab=vocab, seed=1)
     student = make_llama(layers=1, hidden=8, heads=2, vocab=vocab, seed=2)
     with torch.no_grad():  # a peaked teacher: the distillation term, not only CE, moves the student
@@ -326,6 +326,16 @@ def test_trainer_falls_back_to_full_logits_when_the_head_is_not_the_logits(tmp_p
 def test_trainer_refuses_the_head_route_for_logit_softcapping(tmp_path):
     _, positions, route, _ = _llama_step(tmp_path, 7, student_config={"final_logit_softcapping": 30.0})
     assert route is False and positions == [10, 10]
+
+
+def test_auto_chunks_large_vocabularies_only(tmp_path):
+    from hf_kd.chunked import auto_chunk_size
+
+    _, positions, route, _ = _llama_step(tmp_path, 0, vocab=1024)
+    assert route is None and positions == [10, 10]  # below 8192 entries: unchunked
+    _, positions, route, _ = _llama_step(tmp_path, 0, vocab=8192)
+    assert route is True and positions == [10, 1]
+    assert auto_chunk_size(32768) == 512 and auto_chunk_size(8192) == 2048 and auto_chunk_size(10**7) == 64
 
 
 def test_logit_chunk_size_is_validated(tmp_path):
