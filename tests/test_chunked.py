@@ -343,3 +343,32 @@ def test_logit_chunk_size_is_validated(tmp_path):
 
     with pytest.raises(ValueError, match="logit_chunk_size"):
         DistillationConfig(output_dir=str(tmp_path), logit_chunk_size=-2, report_to=[])
+
+
+def test_trainer_masked_lm_through_the_head_gives_the_unchunked_step(tmp_path):
+    """BERT's output layer is a Linear after a transform: the tap reads what enters the Linear."""
+    from conftest import ListDataset, make_bert, random_batch, rows_from_batch
+    from transformers import BertForMaskedLM
+
+    from hf_kd import DistillationConfig, DistillationTrainer
+
+    def step(chunk):
+        teacher = make_bert(BertForMaskedLM, layers=2, hidden=16, heads=4, vocab=1024, seed=1)
+        student = make_bert(BertForMaskedLM, layers=1, hidden=8, heads=2, vocab=1024, seed=2)
+        batch = random_batch("masked_lm", batch=4, length=10, vocab=1024, pad_from=[10, 6, 8, 3], seed=5)
+        batch["labels"][:, ::2] = -100  # only some positions are masked tokens
+        args = DistillationConfig(
+            output_dir=str(tmp_path / f"mlm{chunk}"), per_device_train_batch_size=4, max_steps=2, optim="sgd",
+            learning_rate=5.0, lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], save_strategy="no",
+            use_cpu=True, seed=0, disable_tqdm=True, kd_loss="reverse_kl", alpha=0.6, logit_chunk_size=chunk,
+        )
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=ListDataset(rows_from_batch(batch)))
+        trainer.train()
+        return {k: v.detach().clone() for k, v in student.state_dict().items()}, trainer._head_route
+
+    full, _ = step(-1)
+    chunked, route = step(5)
+    assert route is True
+    for k in full:
+        torch.testing.assert_close(chunked[k], full[k], rtol=1e-5, atol=1e-5, msg=k)
