@@ -237,6 +237,16 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    logit_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "Token-level tasks: compute the logit losses this many positions at a time, so no "
+            "tokens x vocabulary fp32 tensor exists (causal/masked/seq2seq LM: from the hidden states through the "
+            "head, the full logits are never made). 0 = auto (when the vocabulary has >= 8192 entries, chunks "
+            "of 2^24 / vocabulary positions: 512 for 32k), -1 = never chunk. Same loss and gradients either way.",
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         problems = []
@@ -283,6 +293,11 @@ class DistillationConfig(TrainingArguments):
             elif kind != "constant" and not (end > low if high is None else low <= end <= high):
                 where = f"> {low}" if high is None else f"in [{low}, {high}]"
                 problems.append(f"{name}_end={end} must be {where}.")
+        if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size < -1:
+            problems.append(
+                f"logit_chunk_size={self.logit_chunk_size!r} must be an int >= -1 (0 = auto, -1 = never chunk, "
+                "N > 0 = N positions per chunk)."
+            )
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} is negative; weights must be >= 0.")

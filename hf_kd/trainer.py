@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from . import adapters, distributed, hub, relations, teachers
+from .chunked import HeadTap, auto_chunk_size, chunked_cross_entropy_loss, chunked_logit_distillation_loss, linear_head_loss
 from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
@@ -36,6 +37,12 @@ SCAN_ROWS = 10_000
 COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss", "relation_loss")
 # Keys of a batch that are targets, not model inputs.
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
+#: logit_chunk_size=0 (auto) chunks the logit losses of token-level tasks from this many classes on.
+AUTO_CHUNK_MIN_VOCAB = 8192
+# Tasks whose logits come from a linear head over the vocabulary: the chunked losses can start from its input.
+HEAD_TASKS = ("causal_lm", "masked_lm", "seq2seq_lm")
+# Config fields of models that change the logits after the head (soft-capping, scales): no head route.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _depth(config) -> int:
@@ -236,6 +243,7 @@ class DistillationTrainer(Trainer):
             self._teacher_runner = self._teacher_runners[0]
         self.projections.to(self.args.device)
         self.skipped_steps: list[tuple[int, str]] = []  # (step, components) dropped by nonfinite_loss="skip"
+        self._head_route: bool | None = None  # logit losses through the heads: None = not verified yet
 
     # ------------------------------------------------------------------ checks and set-up
     def create_accelerator_and_postprocess(self) -> None:
@@ -795,17 +803,21 @@ class DistillationTrainer(Trainer):
         if need_attn:
             extra["output_attentions"] = True
 
-        # MiniLM relations read q/k/v through forward hooks that live for one forward pass each.
+        # MiniLM relations read q/k/v through forward hooks that live for one forward pass each; the head taps
+        # (hf_kd.chunked) keep what enters the output layers when the logit losses start from there.
+        s_tap, t_tap = self._head_taps(model)
         s_cap, t_cap = (relations.QKVCapture(self._minilm_modules[who]) if need_qkv else contextlib.nullcontext()
                         for who in ("student", "teacher"))
-        with s_cap:
+        with s_cap, s_tap or contextlib.nullcontext():
             s_out = model(**model_inputs, **extra)
         t_out = None
         if self.teacher is not None and (
             args.uses_teacher_logits or need_hidden or need_attn or need_qkv or args.uses_relations
         ):
-            with t_cap:  # the first teacher's q/k/v (several teachers refuse MiniLM and relations)
+            # the first teacher's q/k/v (several teachers refuse MiniLM and relations)
+            with t_cap, t_tap or contextlib.nullcontext():
                 t_out = self._teacher_target(inputs, model_inputs, extra)
+        heads = self._verified_heads(s_tap, t_tap, s_out, t_out)
 
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.args.device, dtype=torch.float32)
@@ -813,24 +825,30 @@ class DistillationTrainer(Trainer):
         targets = self._targets(inputs, s_out, t_out)
         n_heads = len(targets.student)
         temperature, alpha = self._current_temperature(), self._current_alpha()
-        if args.uses_teacher_logits and self.teacher is None:
+        chunk = self._logit_chunk_size()
+        kd_loss = chunked_logit_distillation_loss if chunk else logit_distillation_loss
+        ce_loss = chunked_cross_entropy_loss if chunk else cross_entropy_loss
+        chunking = {"chunk_size": chunk} if chunk else {"class_mask": targets.class_mask}  # token tasks: no class mask
+        if heads is not None:  # the logits are never made: the losses start from what enters the heads
+            total = total + self._head_logit_terms(heads, targets, counts, components, temperature, alpha)
+        elif args.uses_teacher_logits and self.teacher is None:
             kd = self._cached_kd_loss(inputs, targets, counts)  # at the cache's temperature (no T schedule)
             components["kd_loss"] = kd
             total = total + alpha * temperature**2 * kd
         elif args.uses_teacher_logits:
             kd = sum(
-                logit_distillation_loss(
+                kd_loss(
                     s, t, targets.mask, kind=args.kd_loss, temperature=temperature,
-                    jsd_beta=args.jsd_beta, normalizer=counts["logit"], class_mask=targets.class_mask,
+                    jsd_beta=args.jsd_beta, normalizer=counts["logit"], **chunking,
                 )
                 for s, t in zip(targets.student, targets.teacher)
             ) / n_heads
             scale = 1.0 if args.kd_loss == "mse" else temperature**2
             components["kd_loss"] = kd
             total = total + alpha * scale * kd
-        if all(label is not None for label in targets.labels) and alpha < 1:
+        if heads is None and all(label is not None for label in targets.labels) and alpha < 1:
             ce = sum(
-                cross_entropy_loss(s, label, normalizer=counts["label"], class_mask=targets.class_mask)
+                ce_loss(s, label, normalizer=counts["label"], **chunking)
                 for s, label in zip(targets.student, targets.labels)
             ) / n_heads
             components["ce_loss"] = ce
@@ -910,6 +928,112 @@ class DistillationTrainer(Trainer):
         s_emb = relations.pool_examples(s_out.hidden_states[-1], token_mask, pooling)  # (B, Ds)
         t_emb = relations.pool_examples(t_out.hidden_states[-1], token_mask, pooling)  # (B, Dt)
         return relations.sample_relation_loss(s_emb, t_emb, token_mask.any(-1), kind=self.args.relation_loss)
+
+    # ------------------------------------------------------------------ chunked logit losses (hf_kd.chunked)
+    def _logit_chunk_size(self) -> int:
+        """Positions per chunk of the logit losses (`logit_chunk_size`); 0 = unchunked."""
+        size = self.args.logit_chunk_size
+        if size == -1 or self.task not in TOKEN_TASKS:
+            return 0
+        if size > 0:
+            return size
+        config = unwrap(self.accelerator.unwrap_model(self.model)).config
+        classes = config.num_labels if self.task == "token_classification" else config.get_text_config().vocab_size
+        return auto_chunk_size(classes) if classes >= AUTO_CHUNK_MIN_VOCAB else 0
+
+    def _head_route_problem(self, student, teacher) -> str | None:
+        """Why the logit losses cannot start from the heads' inputs, or None."""
+        if self._backend.kind != distributed.SINGLE:
+            # Under DDP, FSDP and DeepSpeed the heads' weights are read outside the wrapped forward pass, which
+            # is untested (FSDP and ZeRO-3 even hold them in shards): the full logits are chunked instead.
+            return f"the run is distributed ({self._backend.name})"
+        models = [("student", student), ("teacher", teacher)][: 2 if self.args.uses_teacher_logits else 1]
+        for name, m in models:
+            head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+            if type(head) is not nn.Linear:  # an adapter (LoRA) or any other module is not a plain x @ W.T + b
+                return f"the {name}'s output layer is {type(head).__name__}, not a plain torch.nn.Linear"
+            text = m.config.get_text_config()
+            for field in LOGIT_POSTPROCESSING:
+                value = getattr(text, field, None)
+                if value not in (None, 1, 1.0):
+                    return f"the {name} changes its logits after the head ({field}={value})"
+        return None
+
+    def _head_taps(self, model) -> tuple[HeadTap | None, HeadTap | None]:
+        """Hooks on the student's and the teacher's output layers when the logit losses go through them.
+
+        The first batch runs the full heads, to check that ``head(hidden)`` is the model's logits; later
+        batches let each head compute one position only. A teacher whose logits no loss reads (alpha=0) computes
+        one position from the first batch on, whatever the chunking.
+        """
+        if self.teacher is None or len(self.teachers) != 1:
+            # A teacher cache (top-k targets) or several teachers (a mixture target): the full logits, chunked.
+            return None, None
+        trim = None if self.args.uses_teacher_logits else self._unused_teacher_head()
+        if self._head_route is False or self.task not in HEAD_TASKS or not self._logit_chunk_size():
+            return None, trim
+        student = unwrap(self.accelerator.unwrap_model(model))
+        if self._head_route is None:
+            problem = self._head_route_problem(student, self.teacher)
+            if problem:
+                logger.info("Chunked logit losses start from the full logits: %s.", problem)
+                self._head_route = False
+                return None, trim
+        keep = None if self._head_route is None else 1
+        s_tap = HeadTap(student.get_output_embeddings(), keep)
+        t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else trim
+        return s_tap, t_tap
+
+    def _unused_teacher_head(self) -> HeadTap | None:
+        """A tap that stops the teacher's head from making logits nobody reads (its hidden states still are)."""
+        if self.task not in HEAD_TASKS or self._teacher_runner is not self.teacher:
+            return None
+        head = self.teacher.get_output_embeddings()
+        return HeadTap(head, keep=1) if type(head) is nn.Linear else None
+
+    def _verified_heads(self, s_tap, t_tap, s_out, t_out) -> tuple[HeadTap, HeadTap | None] | None:
+        """The taps when the route is on; on the first batch, after checking that they reproduce the logits."""
+        if s_tap is None:
+            return None
+        if not self.args.uses_teacher_logits:
+            t_tap = None  # the teacher's tap only trims its unused logits
+        if self._head_route is None:
+            ok = s_tap.reproduces(s_out.logits) and (t_tap is None or t_tap.reproduces(t_out.logits))
+            self._head_route = ok
+            if not ok:
+                logger.info(
+                    "Chunked logit losses start from the full logits: the output layer applied to its input does not "
+                    "give the model's logits (something happens after the head, or it runs more than once)."
+                )
+                return None
+        return s_tap, t_tap
+
+    def _head_logit_terms(self, heads, targets: _Targets, counts, components, temperature, alpha) -> torch.Tensor:
+        """The weighted KD and CE terms from the hidden states entering the heads, chunked (no logits made)."""
+        args: DistillationConfig = self.args
+        s_tap, t_tap = heads
+        hs, ht = s_tap.hidden, t_tap.hidden if t_tap is not None else None  # (B, T, D)
+        if self.task == "causal_lm":  # position i predicts token i+1, as in `_targets`
+            hs, ht = hs[:, :-1], ht[:, :-1] if ht is not None else None  # (B, T-1, D)
+        labels = targets.labels[0]
+        scale = 1.0 if args.kd_loss == "mse" else temperature**2
+        kd_weight = alpha * scale if args.uses_teacher_logits else None
+        ce_weight = 1 - alpha if labels is not None and alpha < 1 else None
+        if kd_weight is None and ce_weight is None:
+            return torch.zeros((), device=hs.device)
+        out = linear_head_loss(
+            hs, s_tap.head.weight, ht, t_tap.head.weight if t_tap is not None else None, targets.mask, labels,
+            student_bias=s_tap.head.bias, teacher_bias=t_tap.head.bias if t_tap is not None else None,
+            kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=temperature,
+            jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"],
+            chunk_size=self._logit_chunk_size(), student_dtype=s_tap.dtype,
+            teacher_dtype=t_tap.dtype if t_tap is not None else None,
+        )
+        if out.kd is not None:
+            components["kd_loss"] = out.kd
+        if out.ce is not None:
+            components["ce_loss"] = out.ce
+        return out.loss
 
     def _nonfinite_message(self, components, s_out, t_out) -> tuple[str, list[str]]:
         """What was not finite at which step, and where it came from."""

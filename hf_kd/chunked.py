@@ -1,0 +1,443 @@
+"""Chunked logit losses for token-level tasks: no (tokens x vocabulary) fp32 tensor at once.
+
+For a language model the logit loss of `hf_kd.losses` upcasts batch x length x vocabulary logits of
+teacher and student to fp32 and keeps softmaxes of that size for the backward pass. Here the valid
+positions are taken ``chunk_size`` rows at a time, and every chunk's loss is exactly the one of
+`hf_kd.losses` (the same functions are called on the chunk, with the whole call's denominator), so the
+sum over chunks is the unchunked loss; only the memory differs.
+
+* `chunked_logit_distillation_loss`: from full logits (the model computed them). Forward runs chunk by
+  chunk without autograd; backward recomputes one chunk at a time and writes its gradient into the
+  logits' gradient (which has the logits' size and dtype, as any backward pass gives).
+* `linear_distillation_loss`, `linear_cross_entropy_loss`, `linear_head_loss`: from the hidden states
+  that enter a linear head (``logits = hidden @ weight.T + bias``). Each chunk's logits are made,
+  used and dropped in the forward pass, which also computes that chunk's gradients w.r.t. the hidden
+  rows and the head weight (an `autograd.Function` that stores only those gradients, as fused
+  linear + loss kernels do); no (N x V) tensor exists at all.
+
+Reduction: as in `hf_kd.losses` (sum over valid positions / (normalizer or number of valid positions),
+clamped to >= 1). Classes are not masked here (``class_mask`` serves QA, not token-level tasks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .losses import KD_LOSSES, Normalizer, _check_kind, _valid_mask, cross_entropy_loss, logit_distillation_loss
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "auto_chunk_size",
+    "chunked_logit_distillation_loss",
+    "chunked_cross_entropy_loss",
+    "linear_distillation_loss",
+    "linear_cross_entropy_loss",
+    "linear_head_loss",
+    "HeadLoss",
+]
+
+#: Rows per chunk when none is given: 1024 x a 128k vocabulary is 0.5 GB per fp32 tensor.
+DEFAULT_CHUNK_SIZE = 1024
+#: `auto_chunk_size` keeps one fp32 (chunk, V) tensor near 64 MiB (a chunk's loss and gradient hold about a dozen).
+AUTO_CHUNK_ELEMENTS = 1 << 24
+_F32 = torch.float32
+
+
+def auto_chunk_size(num_classes: int) -> int:
+    """Positions per chunk for ``num_classes`` logits: 512 for a 32k vocabulary, 128 for 128k (at least 64)."""
+    return max(64, AUTO_CHUNK_ELEMENTS // max(int(num_classes), 1))
+
+
+def _check_chunk(chunk_size: int) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _denominator(normalizer: Normalizer, count: Tensor, device) -> Tensor:
+    """The whole call's denominator, as `losses._reduce` computes it (the clamp happens there again)."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=_F32, device=device)
+    return count.to(device=device, dtype=_F32)
+
+
+def _rows(valid: Tensor) -> tuple[Tensor, ...]:
+    """Index tuple of the valid positions of a (...) bool mask: ``x[_rows(valid)]`` is (n_valid, ...)."""
+    return tuple(valid.nonzero().unbind(-1))  # each (n_valid,)
+
+
+def _take(index: tuple[Tensor, ...], start: int, stop: int) -> tuple[Tensor, ...]:
+    return tuple(i[start:stop] for i in index)
+
+
+# --------------------------------------------------------------------------- #
+# (a) from full logits
+# --------------------------------------------------------------------------- #
+class _ChunkedRows(torch.autograd.Function):
+    """``sum over chunks of chunk_loss(logits[rows], rows)``; backward recomputes one chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, student_logits, chunk_loss, index, chunk_size):
+        n = index[0].numel() if index else 0
+        total = torch.zeros((), dtype=_F32, device=student_logits.device)
+        for start in range(0, n, chunk_size):
+            rows = _take(index, start, start + chunk_size)
+            total = total + chunk_loss(student_logits[rows], rows)  # (c, V) fp32 intermediates, freed per chunk
+        ctx.save_for_backward(student_logits, *index)
+        ctx.chunk = (chunk_loss, chunk_size, n)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student_logits, *index = ctx.saved_tensors
+        chunk_loss, chunk_size, n = ctx.chunk
+        grad = torch.zeros_like(student_logits)  # (..., V): the gradient itself, in the logits' dtype
+        for start in range(0, n, chunk_size):
+            rows = _take(index, start, start + chunk_size)
+            with torch.enable_grad():
+                zs = student_logits[rows].detach().requires_grad_()  # (c, V)
+                (g,) = torch.autograd.grad(chunk_loss(zs, rows), zs, grad_output)
+            grad[rows] = g
+        return grad, None, None, None
+
+
+def chunked_logit_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    normalizer: Normalizer = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """`hf_kd.losses.logit_distillation_loss` computed ``chunk_size`` valid positions at a time.
+
+    Shapes: logits (..., V), ``mask`` (...) bool (None = all valid). The valid positions are visited in
+    chunks; the fp32 softmaxes of one chunk, (chunk_size, V), are the largest tensors made besides the
+    gradient w.r.t. ``student_logits`` (its size and dtype, made by the backward pass). The teacher gets
+    no gradient. Same value and gradient as the unchunked loss; returns a 0-dim fp32 tensor.
+    """
+    _check_kind(kind, KD_LOSSES, "logit distillation")
+    _check_chunk(chunk_size)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if kind != "mse" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = student_logits.device
+    valid = _valid_mask(mask, student_logits.shape[:-1], device)  # (...)
+    denom = _denominator(normalizer, valid.sum(), device)
+    teacher_logits = teacher_logits.detach()
+
+    def chunk_loss(zs: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+        return logit_distillation_loss(
+            zs, teacher_logits[rows], None, kind=kind, temperature=temperature, jsd_beta=jsd_beta, normalizer=denom
+        )
+
+    return _ChunkedRows.apply(student_logits, chunk_loss, _rows(valid), chunk_size)
+
+
+def chunked_cross_entropy_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """`hf_kd.losses.cross_entropy_loss` computed ``chunk_size`` labelled positions at a time (see above)."""
+    _check_chunk(chunk_size)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal logits leading shape {tuple(logits.shape[:-1])}"
+        )
+    labels = labels.to(logits.device)
+    valid = labels != ignore_index  # (...)
+    denom = _denominator(normalizer, valid.sum(), logits.device)
+
+    def chunk_loss(z: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+        return cross_entropy_loss(z, labels[rows], normalizer=denom)  # every row of a chunk has a label
+
+    return _ChunkedRows.apply(logits, chunk_loss, _rows(valid), chunk_size)
+
+
+# --------------------------------------------------------------------------- #
+# (b) from the hidden states entering a linear head
+# --------------------------------------------------------------------------- #
+@dataclass
+class HeadLoss:
+    """`linear_head_loss`'s result: ``loss`` = kd_weight * kd + ce_weight * ce (with gradient), and the
+    two unweighted terms, detached (None when not computed)."""
+
+    loss: Tensor
+    kd: Optional[Tensor]
+    ce: Optional[Tensor]
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
+    if dtype is not None:  # as autocast runs a linear layer: every operand in its dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return F.linear(hidden, weight, bias)  # (c, V)
+
+
+class _LinearHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, settings):
+        (index, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight,
+         kind, temperature, jsd_beta, chunk_size, s_dtype, t_dtype) = settings
+        n = index[0].numel() if index else 0
+        device = s_hidden.device
+        needs = ctx.needs_input_grad
+        # The head in its compute dtype (autocast's dtype when the model ran under it), cast once.
+        w = s_weight.detach().to(s_dtype or s_weight.dtype).requires_grad_(needs[1])
+        b = None if s_bias is None else s_bias.detach().to(s_dtype or s_bias.dtype).requires_grad_(needs[2])
+        tw = t_weight.detach().to(t_dtype or t_weight.dtype)
+        tb = None if t_bias is None else t_bias.detach().to(t_dtype or t_bias.dtype)
+        grad_h = torch.zeros_like(s_hidden) if needs[0] else None  # (..., D): each row is written once
+        grad_w = torch.zeros(w.shape, dtype=_F32, device=device) if needs[1] else None  # (V, D) summed over chunks
+        grad_b = torch.zeros(b.shape, dtype=_F32, device=device) if b is not None and needs[2] else None
+        kd_sum = torch.zeros((), dtype=_F32, device=device)
+        ce_sum = torch.zeros((), dtype=_F32, device=device)
+        for start in range(0, n, chunk_size):
+            rows = _take(index, start, start + chunk_size)
+            with torch.no_grad():
+                zt = _logits(t_hidden[rows], tw, tb, t_dtype) if kd_weight is not None else None  # (c, V)
+            with torch.enable_grad():
+                h = s_hidden[rows].detach().requires_grad_(needs[0])  # (c, D)
+                zs = _logits(h, w, b, s_dtype)  # (c, V)
+                loss = torch.zeros((), dtype=_F32, device=device)
+                if kd_weight is not None:
+                    kd = logit_distillation_loss(
+                        zs, zt, kd_valid[rows], kind=kind, temperature=temperature, jsd_beta=jsd_beta,
+                        normalizer=kd_denom,
+                    )
+                    kd_sum += kd.detach()
+                    loss = loss + kd_weight * kd
+                if ce_weight is not None:
+                    ce = cross_entropy_loss(zs, labels[rows], normalizer=ce_denom)
+                    ce_sum += ce.detach()
+                    loss = loss + ce_weight * ce
+                wanted = [x for x, need in ((h, needs[0]), (w, needs[1]), (b, needs[2])) if x is not None and need]
+                grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ())
+            if needs[0]:
+                g = next(grads)
+                if g is not None:
+                    grad_h[rows] = g.to(grad_h.dtype)
+            if needs[1]:
+                g = next(grads)
+                if g is not None:
+                    grad_w += g
+            if grad_b is not None:
+                g = next(grads)
+                if g is not None:
+                    grad_b += g
+            del zs, zt, loss  # this chunk's (c, V) tensors go before the next chunk's are made
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w.to(s_weight.dtype) if grad_w is not None else torch.empty(0),
+            grad_b.to(s_bias.dtype) if grad_b is not None else torch.empty(0),
+        )
+        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return kd_sum * (kd_weight or 0.0) + ce_sum * (ce_weight or 0.0), kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        # kd and ce are returned detached (for logging): only `loss` carries a gradient.
+        stored = ctx.saved_tensors
+        out = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(stored, ctx.has)]
+        return out[0], out[1], out[2], None, None, None, None
+
+
+def linear_head_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    kd_weight: Optional[float] = 1.0,
+    ce_weight: Optional[float] = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    normalizer: Normalizer = None,
+    ce_normalizer: Normalizer = None,
+    ignore_index: int = -100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    student_dtype: Optional[torch.dtype] = None,
+    teacher_dtype: Optional[torch.dtype] = None,
+) -> HeadLoss:
+    """Distillation and/or cross entropy through linear heads, ``chunk_size`` positions at a time.
+
+    Shapes: ``student_hidden`` (..., D), ``student_weight`` (V, D), ``student_bias`` (V,);
+    ``teacher_hidden`` (..., Dt), ``teacher_weight`` (V, Dt); ``mask`` (...) bool, the positions of the
+    distillation term (None = all); ``labels`` (...) int with ``ignore_index`` for positions without a
+    label. Logits are ``hidden @ weight.T + bias``, computed in ``student_dtype`` / ``teacher_dtype``
+    when given (the dtype autocast gave the head's matmul), else in the weight's dtype.
+
+    ``kd_weight`` (None = no distillation term) weighs `logit_distillation_loss` with ``kind``,
+    ``temperature``, ``jsd_beta``, ``normalizer``; ``ce_weight`` (None = no CE term) weighs
+    `cross_entropy_loss` on ``labels`` with ``ce_normalizer``. Values and gradients (w.r.t. the student's
+    hidden states, weight and bias) equal those of the unchunked losses on the full logits. The teacher
+    gets no gradient. Gradients are computed during the forward pass and stored: (..., D) for the hidden
+    states, (V, D) summed in fp32 for the weight; the largest transient tensors are (chunk_size, V).
+    """
+    _check_chunk(chunk_size)
+    if kd_weight is None and ce_weight is None:
+        raise ValueError("linear_head_loss needs kd_weight or ce_weight (or both)")
+    if kd_weight is not None:
+        _check_kind(kind, KD_LOSSES, "logit distillation")
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the distillation term (kd_weight) needs teacher_hidden and teacher_weight")
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"teacher hidden {tuple(teacher_hidden.shape)} and student hidden {tuple(student_hidden.shape)} "
+                "must have the same leading shape"
+            )
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(
+                f"teacher head has {teacher_weight.shape[0]} outputs and student head {student_weight.shape[0]}; "
+                "distillation needs the same vocabulary"
+            )
+        if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
+            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+        if kind != "mse" and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+    if ce_weight is not None:
+        if labels is None:
+            raise ValueError("the cross-entropy term (ce_weight) needs labels")
+        if labels.shape != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape "
+                f"{tuple(student_hidden.shape[:-1])}"
+            )
+    device = student_hidden.device
+    lead = student_hidden.shape[:-1]
+    kd_valid = _valid_mask(mask, lead, device) if kd_weight is not None else torch.zeros(lead, dtype=torch.bool, device=device)
+    if ce_weight is not None:
+        labels = labels.to(device)
+        ce_valid = labels != ignore_index  # (...)
+        # cross_entropy_loss masks with -100; other ignore indices become -100 here.
+        labels = torch.where(ce_valid, labels, -100)
+    else:
+        ce_valid = torch.zeros(lead, dtype=torch.bool, device=device)
+        labels = torch.full(lead, -100, dtype=torch.long, device=device)
+    index = _rows(kd_valid | ce_valid)  # positions either term uses; the others are never touched
+    settings = (
+        index, kd_valid, labels,
+        _denominator(normalizer, kd_valid.sum(), device), _denominator(ce_normalizer, ce_valid.sum(), device),
+        None if kd_weight is None else float(kd_weight), None if ce_weight is None else float(ce_weight),
+        kind, float(temperature), float(jsd_beta), chunk_size, student_dtype, teacher_dtype,
+    )
+    if teacher_hidden is None:  # CE only: a stand-in teacher that is never read
+        teacher_hidden, teacher_weight = student_hidden.detach(), student_weight.detach()
+    loss, kd, ce = _LinearHeadLoss.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), settings,
+    )
+    return HeadLoss(loss, kd if kd_weight is not None else None, ce if ce_weight is not None else None)
+
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    normalizer: Normalizer = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """`logit_distillation_loss` of the logits ``hidden @ weight.T + bias`` of student and teacher, chunked
+    (see `linear_head_loss`)."""
+    return linear_head_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias=student_bias,
+        teacher_bias=teacher_bias, kind=kind, temperature=temperature, jsd_beta=jsd_beta, normalizer=normalizer,
+        chunk_size=chunk_size,
+    ).loss
+
+
+def linear_cross_entropy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """`cross_entropy_loss` of the logits ``hidden @ weight.T + bias``, chunked (see `linear_head_loss`)."""
+    return linear_head_loss(
+        hidden, weight, labels=labels, student_bias=bias, kd_weight=None, ce_weight=1.0,
+        ce_normalizer=normalizer, ignore_index=ignore_index, chunk_size=chunk_size,
+    ).loss
+
+
+# --------------------------------------------------------------------------- #
+# reading the hidden states that enter a model's head (used by the trainer)
+# --------------------------------------------------------------------------- #
+class HeadTap:
+    """Forward pre-hook on a linear head: keeps the hidden states it receives and lets it compute logits
+    for the first ``keep`` positions only (None = all), so the model never makes its full logits.
+
+    After the forward pass: ``hidden`` (..., T, D) is what entered the head, ``dtype`` the autocast dtype
+    its matmul ran in (None without autocast), ``calls`` how often the head ran (the route needs 1).
+    Use as a context manager around the forward pass.
+    """
+
+    def __init__(self, head: torch.nn.Module, keep: Optional[int] = None):
+        self.head, self.keep = head, keep
+        self.hidden: Optional[Tensor] = None
+        self.dtype: Optional[torch.dtype] = None
+        self.calls = 0
+        self._handle = None
+
+    def _hook(self, module, args):
+        h = args[0]
+        self.hidden, self.calls = h, self.calls + 1
+        device = h.device.type
+        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if self.keep is None or h.dim() < 2:
+            return None
+        return (h[..., : self.keep, :], *args[1:])  # (..., keep, D)
+
+    def __enter__(self) -> "HeadTap":
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def reproduces(self, logits: Tensor, positions: int = 8) -> bool:
+        """Whether ``head(hidden)`` gives the model's own ``logits`` (nothing after the head: no soft-capping,
+        no scaling), compared on the first ``positions`` positions."""
+        h = self.hidden
+        if self.calls != 1 or h is None or h.dim() < 2 or logits.shape[:-1] != h.shape[:-1]:
+            return False
+        with torch.no_grad():
+            mine = _logits(h[..., :positions, :], self.head.weight, self.head.bias, self.dtype).float()
+            theirs = logits[..., :positions, :].float()
+            tol = 1e-4 if (self.dtype or self.head.weight.dtype) == torch.float32 else 2e-2
+            return bool(torch.allclose(mine, theirs, rtol=tol, atol=tol))
