@@ -129,6 +129,15 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    decoder_layer_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder-decoder models (T5, BART...) only: the layer map of the decoders, in the forms of "
+            "layer_map, which then maps the encoders. Default (None): the value of layer_map, resolved against "
+            "the decoders' depths."
+        },
+    )
+
     nonfinite_loss: str = field(
         default="stop",
         metadata={
@@ -182,6 +191,11 @@ class DistillationConfig(TrainingArguments):
             self.layer_map = parse_layer_map(self.layer_map)
         except ValueError as err:
             problems.append(str(err))
+        if self.decoder_layer_map is not None:
+            try:
+                self.decoder_layer_map = parse_layer_map(self.decoder_layer_map)
+            except ValueError as err:
+                problems.append(str(err).replace("layer_map", "decoder_layer_map"))
         if problems:
             raise ValueError("Invalid DistillationConfig:\n  - " + "\n  - ".join(problems))
 
