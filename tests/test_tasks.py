@@ -7,10 +7,12 @@ task's definition (which rows count, the causal shift, the seq2seq decoder input
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
-from conftest import ListDataset, build_tokenizer, make_bert, make_llama, random_batch, rows_from_batch
+from conftest import WORDS, ListDataset, build_tokenizer, make_bert, make_llama, random_batch, rows_from_batch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -30,6 +32,8 @@ from transformers import (
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.cli import main
+from hf_kd.task_data import TaskArguments, prepare
 from hf_kd.trainer import InputError
 
 VOCAB = 64
@@ -382,3 +386,83 @@ def test_decoder_layer_map_on_a_single_stack_model_is_refused(tmp_path):
 def test_bad_decoder_layer_map_is_refused_by_the_config(tmp_path):
     with pytest.raises(ValueError, match="decoder_layer_map"):
         make_args(tmp_path, decoder_layer_map="middle")
+
+
+# ------------------------------------------------------------------ recipes, run offline on local files
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes", "tasks")
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _task_files(task, tmp_path):
+    """(teacher folder, extra overrides, data file): a tiny teacher saved with the word-level tokenizer."""
+    tokenizer = build_tokenizer()
+    teacher, student = pair(task)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    extra = ["--student_layers", "[1, 3]"]
+    if task == "seq2seq_lm":
+        student.save_pretrained(tmp_path / "student")
+        extra = ["--student_model_name_or_path", str(tmp_path / "student")]
+    words = WORDS[:12]
+    rows = []
+    for i in range(12):
+        sentence = [words[(i + k) % 12] for k in range(3 + i % 4)]
+        rows.append({
+            "text": " ".join(sentence), "label": i % 2, "tokens": sentence, "tags": [(i + k) % 2 for k in range(len(sentence))],
+            "question": "what was the film", "context": " ".join(sentence),
+            "answers": {"text": [sentence[1]], "answer_start": [len(sentence[0]) + 1]},
+            "target": " ".join(reversed(sentence)),
+        })
+    return str(tmp_path / "teacher"), extra, _write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_recipe_runs_offline_on_local_files(tmp_path, task, capsys):
+    recipe = os.path.join(RECIPES, f"{task}.yaml")
+    header = open(recipe).read().splitlines()[0]
+    assert header == f"# hf-kd distill --config recipes/tasks/{task}.yaml"
+    teacher, extra, data = _task_files(task, tmp_path)
+    main([
+        "distill", "--config", recipe, "--teacher_model_name_or_path", teacher, "--dataset_name", data, *extra,
+        "--label_column", "tags" if task == "token_classification" else "label", "--text_column",
+        "tokens" if task == "token_classification" else "text", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--max_length", "32", "--logging_steps", "1",
+        "--target_column", "target",
+    ])
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex('{\n "task"'):])
+    assert summary["task"] == task and summary["steps"] == 2 and summary["first"]["kd_loss"] > 0
+    if task == "seq2seq_lm":  # the recipe's decoder_layer_map: the last decoder layers
+        provenance = json.load(open(tmp_path / "out" / "hf_kd_provenance.json"))
+        assert provenance["distillation"]["decoder_hidden_pairs"] == [[2, 4]]
+        assert "hidden_loss" in summary["first"]
+    loaded = AUTO[task].from_pretrained(str(tmp_path / "out"))
+    assert type(loaded).__name__ == type(pair(task)[1]).__name__
+
+
+def test_question_answering_positions_point_at_the_answer_tokens():
+    tokenizer = build_tokenizer()
+    rows = [{"question": "what was it", "context": "the film was very good", "answers": {"text": ["very good"], "answer_start": [13]}}]
+    import datasets
+
+    args = TaskArguments(task="question_answering", teacher_model_name_or_path="-", dataset_name="-")
+    data, _ = prepare(args, datasets.Dataset.from_list(rows), tokenizer, None)
+    ids = data[0]["input_ids"]
+    answer = ids[data[0]["start_positions"]: data[0]["end_positions"] + 1]
+    assert tokenizer.decode(answer) == "very good"
+
+
+def test_token_classification_tags_go_to_first_sub_tokens_and_specials_are_ignored():
+    tokenizer = build_tokenizer()
+    import datasets
+
+    args = TaskArguments(task="token_classification", teacher_model_name_or_path="-", dataset_name="-",
+                         text_column="tokens", label_column="tags")
+    data, _ = prepare(args, datasets.Dataset.from_list([{"tokens": ["good", "film"], "tags": [1, 0]}]), tokenizer, None)
+    assert data[0]["labels"] == [-100, 1, 0, -100]  # [CLS] good film [SEP]
