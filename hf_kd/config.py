@@ -125,7 +125,8 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Student-to-teacher layer map for hidden and attention losses: 'uniform' (student layer k "
             "to teacher layer round(k*Lt/Ls)), 'last', or JSON pairs such as [[1,2],[2,4]]. Layers count "
-            "from 1; 0 (embedding output) is allowed for the hidden loss only."
+            "from 1; 0 (embedding output) is allowed for the hidden loss only. Encoder-decoder models: the encoders' map "
+            "(see decoder_layer_map)."
         },
     )
 

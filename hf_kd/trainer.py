@@ -421,13 +421,14 @@ class DistillationTrainer(Trainer):
         labels = get("labels")
         if labels is None and self.task in ("sequence_classification", "token_classification"):
             labels = get("label")
-        if labels is not None and self.task in ("sequence_classification", "token_classification", "masked_lm", "causal_lm"):
+        if labels is not None and self.task in ("sequence_classification", "token_classification", "masked_lm", "causal_lm",
+                                                "seq2seq_lm"):
             flat = []
             for v in labels:
                 v = v.tolist() if torch.is_tensor(v) else v
                 flat.extend(v if isinstance(v, (list, tuple)) else [v])
             values = [int(v) for v in flat if v is not None and int(v) != -100]
-            if self.task in ("masked_lm", "causal_lm"):
+            if self.task in ("masked_lm", "causal_lm", "seq2seq_lm"):
                 high, what = student.config.get_text_config().vocab_size, "vocabulary size"
             else:
                 high, what = student.config.num_labels, "num_labels"
