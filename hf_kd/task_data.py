@@ -190,18 +190,27 @@ def parse(argv: list[str]) -> tuple[TaskArguments, DistillationConfig]:
 
 
 def run(args: TaskArguments, config: DistillationConfig) -> dict:
+    from .hub import PushError
+    from .trainer import InputError, NonFiniteLossError
+
+    try:
+        return _run(args, config)
+    except (InputError, PushError, NonFiniteLossError) as err:  # a message, not a traceback
+        raise SystemExit(f"hf-kd: {err}") from None
+
+
+def _run(args: TaskArguments, config: DistillationConfig) -> dict:
     from transformers import AutoTokenizer
 
     from .offline import resolve_model
     from .student import student_from_teacher
-    from .trainer import DistillationTrainer
+    from .trainer import DistillationTrainer, load_teacher
 
     if args.task not in TASKS:
         raise SystemExit(f"hf_kd.task_data: unknown task {args.task!r}; use one of {', '.join(TASKS)}.")
     cls = auto_class(args.task)
-    teacher_path = resolve_model(args.teacher_model_name_or_path)
-    teacher = cls.from_pretrained(teacher_path)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    teacher = load_teacher(args.teacher_model_name_or_path, args.task)  # refuses a teacher without the task head
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.teacher_model_name_or_path))
     if args.student_model_name_or_path:
         student = cls.from_pretrained(resolve_model(args.student_model_name_or_path))
     elif args.student_layers:

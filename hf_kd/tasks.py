@@ -40,3 +40,8 @@ def detect_task(model) -> str:
 
 def auto_class(task: str):
     return getattr(transformers, TASKS[task][1])
+
+
+def tasks_of_class(name: str) -> list[str]:
+    """Every task whose Auto class maps to the model class `name` (e.g. "BertForTokenClassification")."""
+    return [task for task, (mapping, _) in TASKS.items() if name in getattr(modeling_auto, mapping).values()]

@@ -23,7 +23,7 @@ from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
 from .report import count_parameters
-from .tasks import TOKEN_TASKS, auto_class, detect_task, unwrap
+from .tasks import TOKEN_TASKS, auto_class, detect_task, tasks_of_class, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ def load_teacher(teacher_model, task: str) -> PreTrainedModel:
             f"Could not load the teacher {teacher_model!r} with {cls.__name__}: {err}\n"
             "Pass a local folder saved with save_pretrained, or a Hub id while online."
         ) from err
+    saved_as = {a: tasks_of_class(a) for a in getattr(teacher.config, "architectures", None) or []}
+    if any(saved_as.values()) and not any(task in tasks for tasks in saved_as.values()):
+        name, tasks = next((a, t) for a, t in saved_as.items() if t)
+        raise InputError(
+            f"The teacher {teacher_model!r} was saved as {name}, a {tasks[0].replace('_', ' ')} model, not a "
+            f"{task.replace('_', ' ')} model: loaded with {cls.__name__} its head would not mean what the student's "
+            "does (head weights of the same shape load silently). Give a teacher fine-tuned for the student's task."
+        )
     missing = info.get("missing_keys", [])
     if missing:
         raise InputError(

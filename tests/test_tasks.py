@@ -466,3 +466,12 @@ def test_token_classification_tags_go_to_first_sub_tokens_and_specials_are_ignor
                          text_column="tokens", label_column="tags")
     data, _ = prepare(args, datasets.Dataset.from_list([{"tokens": ["good", "film"], "tags": [1, 0]}]), tokenizer, None)
     assert data[0]["labels"] == [-100, 1, 0, -100]  # [CLS] good film [SEP]
+
+
+def test_a_task_recipe_with_a_teacher_for_another_task_is_refused_with_a_message(tmp_path, capsys):
+    teacher, _, data = _task_files("sequence_classification", tmp_path)  # a sequence classifier...
+    recipe = os.path.join(RECIPES, "token_classification.yaml")  # ...given to the token-classification recipe
+    with pytest.raises(SystemExit, match="not a token classification model"):
+        main(["distill", "--config", recipe, "--teacher_model_name_or_path", teacher, "--dataset_name", data,
+              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--student_layers", "[1]"])
+    assert not os.path.exists(tmp_path / "out")
