@@ -3,7 +3,8 @@
 
 A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
 `DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
-the recipe. An optional `quick:` block holds the overrides that `--quick` applies.
+the recipe. An optional `quick:` block holds the overrides that `--quick` applies. A recipe with a `task:` field
+(recipes/tasks) runs through `hf_kd.task_data` instead of the demo pipeline.
 """
 
 from __future__ import annotations

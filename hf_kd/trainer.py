@@ -577,9 +577,17 @@ class DistillationTrainer(Trainer):
             return self._token_mask(inputs)[:, 1:]
         if labels is not None:
             return labels != -100  # (B, T)
-        if self.task == "seq2seq_lm":
+        if self.task == "seq2seq_lm":  # no labels: the decoder positions given
             dmask = inputs.get("decoder_attention_mask")
-            return dmask.bool() if dmask is not None else None
+            if dmask is not None:
+                return dmask.bool()
+            ids = inputs.get("decoder_input_ids")
+            if ids is None:
+                raise InputError(
+                    "a seq2seq batch needs labels (or decoder_input_ids): the decoder has nothing to read. "
+                    "Tokenize the targets with tokenizer(text_target=...) or use DataCollatorForSeq2Seq."
+                )
+            return torch.ones_like(ids, dtype=torch.bool)  # (B, T_decoder)
         # No labels (masked LM on unlabelled text): every non-padding position.
         return self._token_mask(inputs)
 
@@ -590,17 +598,8 @@ class DistillationTrainer(Trainer):
         return mask.bool()  # (B, T)
 
     def _decoder_mask(self, inputs) -> torch.Tensor:
-        """Valid decoder positions of a seq2seq batch: those of its logits, else every decoder position."""
-        mask = self._logit_mask(inputs)
-        if mask is None:
-            ids = inputs.get("decoder_input_ids")
-            if ids is None:
-                raise InputError(
-                    "a seq2seq batch needs labels (or decoder_input_ids): the decoder has nothing to read. "
-                    "Tokenize the targets with tokenizer(text_target=...) or use DataCollatorForSeq2Seq."
-                )
-            mask = torch.ones_like(ids, dtype=torch.bool)
-        return mask  # (B, T_decoder)
+        """Valid decoder positions of a seq2seq batch: those of its logits (B, T_decoder)."""
+        return self._logit_mask(inputs)
 
     def _count_items(self, inputs) -> dict[str, torch.Tensor]:
         """What each loss divides by, for one batch (summed over a window by `get_batch_samples`)."""

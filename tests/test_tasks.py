@@ -475,3 +475,17 @@ def test_a_task_recipe_with_a_teacher_for_another_task_is_refused_with_a_message
         main(["distill", "--config", recipe, "--teacher_model_name_or_path", teacher, "--dataset_name", data,
               "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--student_layers", "[1]"])
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_seq2seq_without_labels_distils_every_decoder_position_given(tmp_path):
+    """decoder_input_ids and no labels (no decoder_attention_mask): KD averages every decoder position."""
+    teacher, student = pair("seq2seq_lm")
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, alpha=1.0))
+    batch = seq2seq_batch()
+    inputs = model_inputs("seq2seq_lm", batch)  # input_ids, attention_mask, decoder_input_ids
+    student.train()
+    loss = trainer.compute_loss(student, dict(inputs))
+    with torch.no_grad():
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+    terms = [kl(t[b, i], s[b, i], 2.0) for b in range(s.shape[0]) for i in range(s.shape[1])]
+    assert loss.item() == pytest.approx(4 * sum(terms) / len(terms), rel=1e-5)
