@@ -5,7 +5,8 @@
 
 A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
 `DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
-the recipe. An optional `quick:` block holds the overrides that `--quick` applies.
+the recipe. An optional `quick:` block holds the overrides that `--quick` applies. A recipe with a `task:` field
+(recipes/tasks) runs through `hf_kd.task_data` instead of the demo pipeline.
 """
 
 from __future__ import annotations
@@ -183,6 +184,14 @@ def parse_distill_args(argv: list[str]):
         raise SystemExit(f"hf-kd: {err}") from None
 
 
+def _recipe_task(argv: list[str]) -> str | None:
+    """The `task:` of the recipe named by --config, if any (task recipes run through `hf_kd.task_data`)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return load_recipe(known.config).get("task") if known.config else None
+
+
 def parse_push_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hf-kd push",
@@ -334,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "distill" and _recipe_task(rest):  # a task recipe (recipes/tasks): see hf_kd.task_data
+        from .task_data import main as run_task
+
+        return run_task(rest)
     if command == "distill":
         from .hub import PushError
         from .pipeline import run_distill

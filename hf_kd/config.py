@@ -187,7 +187,17 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Student-to-teacher layer map for hidden and attention losses: 'uniform' (student layer k "
             "to teacher layer round(k*Lt/Ls)), 'last', or JSON pairs such as [[1,2],[2,4]]. Layers count "
-            "from 1; 0 (embedding output) is allowed for the hidden loss only."
+            "from 1; 0 (embedding output) is allowed for the hidden loss only. Encoder-decoder models: the encoders' map "
+            "(see decoder_layer_map)."
+        },
+    )
+
+    decoder_layer_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder-decoder models (T5, BART...) only: the layer map of the decoders, in the forms of "
+            "layer_map, which then maps the encoders. Default (None): the value of layer_map, resolved against "
+            "the decoders' depths."
         },
     )
 
@@ -331,6 +341,11 @@ class DistillationConfig(TrainingArguments):
             self.layer_map = parse_layer_map(self.layer_map)
         except ValueError as err:
             problems.append(str(err))
+        if self.decoder_layer_map is not None:
+            try:
+                self.decoder_layer_map = parse_layer_map(self.decoder_layer_map)
+            except ValueError as err:
+                problems.append(str(err).replace("layer_map", "decoder_layer_map"))
         if problems:
             raise ValueError("Invalid DistillationConfig:\n  - " + "\n  - ".join(problems))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import transformers
 from transformers.models.auto import modeling_auto
 
@@ -42,20 +43,40 @@ def auto_class(task: str):
     return getattr(transformers, TASKS[task][1])
 
 
+def tasks_of_class(name: str) -> list[str]:
+    """Every task whose Auto class maps to the model class `name` (e.g. "BertForTokenClassification")."""
+    return [task for task, (mapping, _) in TASKS.items() if name in getattr(modeling_auto, mapping).values()]
+
+
 def logit_row_mask(task: str, batch: dict):
     """Valid rows of the logits that the logit losses compare, for one batch; None = one row per example
-    (sequence classification, QA). Token tasks: labels != -100, else the attention mask; causal LM shifted by
-    one (the logits at position i predict token i + 1, as in Transformers' own causal-LM loss)."""
+    (sequence classification, QA). Token tasks: labels != -100; without labels, every non-padding position
+    (masked LM on unlabelled text) or every decoder position given (seq2seq). Causal LM is shifted by one (the
+    logits at position i predict token i + 1, as in Transformers' own causal-LM loss)."""
     if task not in TOKEN_TASKS:
         return None
     labels = batch.get("labels")
     if task == "causal_lm":
         if labels is not None:
             return labels[:, 1:] != -100  # (B, T-1)
-        return batch["attention_mask"][:, 1:].bool()
+        return token_mask(batch)[:, 1:]
     if labels is not None:
         return labels != -100  # (B, T)
-    if task == "seq2seq_lm":
+    if task == "seq2seq_lm":  # no labels: the decoder positions given
         dmask = batch.get("decoder_attention_mask")
-        return dmask.bool() if dmask is not None else None
-    return batch["attention_mask"].bool()
+        if dmask is not None:
+            return dmask.bool()
+        ids = batch.get("decoder_input_ids")
+        if ids is None:
+            raise ValueError(
+                "a seq2seq batch needs labels (or decoder_input_ids): the decoder has nothing to read. "
+                "Tokenize the targets with tokenizer(text_target=...) or use DataCollatorForSeq2Seq."
+            )
+        return torch.ones_like(ids, dtype=torch.bool)  # (B, T_decoder)
+    return token_mask(batch)
+
+
+def token_mask(batch: dict):
+    """The real (non-padding) input tokens of a batch: its attention mask, or every token."""
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .losses import topk_distillation_loss
 from .tasks import TOKEN_TASKS, detect_task, logit_row_mask, unwrap
+from .tasks import token_mask as _token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ def _input_error(message: str) -> Exception:
 
 
 # --------------------------------------------------------------------------- rows the loss compares
-def _token_mask(batch: dict) -> Tensor:
-    mask = batch.get("attention_mask")
-    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
-
-
 def teacher_buckets(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(ids, raw top-k logits, logsumexp(z / T), log rest mass at T) of logits (N, V), all fp32 but the ids."""
     z = logits.float()  # (N, V)

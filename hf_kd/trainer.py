@@ -25,7 +25,8 @@ from .config import DistillationConfig
 from .layer_map import resolve_layer_map
 from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
 from .report import count_parameters
-from .tasks import TOKEN_TASKS, auto_class, detect_task, logit_row_mask, unwrap
+from .tasks import TOKEN_TASKS, auto_class, detect_task, logit_row_mask, tasks_of_class, unwrap
+from .tasks import token_mask as batch_token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scalin
 
 def _depth(config) -> int:
     return config.get_text_config().num_hidden_layers
+
+
+def _decoder_depth(config) -> int:
+    """Layers of the decoder of an encoder-decoder model (T5: num_decoder_layers; BART, Marian...: decoder_layers)."""
+    text = config.get_text_config()  # get_text_config(decoder=True) rebuilds a BART config with default depths
+    for name in ("num_decoder_layers", "decoder_layers"):
+        value = getattr(text, name, None)
+        if isinstance(value, int):
+            return value
+    return text.num_hidden_layers
 
 
 def _width(config) -> int:
@@ -112,6 +123,14 @@ def load_teacher(teacher_model, task: str) -> PreTrainedModel:
             f"Could not load the teacher {teacher_model!r} with {cls.__name__}: {err}\n"
             "Pass a local folder saved with save_pretrained, or a Hub id while online."
         ) from err
+    saved_as = {a: tasks_of_class(a) for a in getattr(teacher.config, "architectures", None) or []}
+    if any(saved_as.values()) and not any(task in tasks for tasks in saved_as.values()):
+        name, tasks = next((a, t) for a, t in saved_as.items() if t)
+        raise InputError(
+            f"The teacher {teacher_model!r} was saved as {name}, a {tasks[0].replace('_', ' ')} model, not a "
+            f"{task.replace('_', ' ')} model: loaded with {cls.__name__} its head would not mean what the student's "
+            "does (head weights of the same shape load silently). Give a teacher fine-tuned for the student's task."
+        )
     missing = info.get("missing_keys", [])
     if missing:
         raise InputError(
@@ -176,6 +195,7 @@ class DistillationTrainer(Trainer):
         sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
         self._cache_meta = None
         self._minilm_modules, self.minilm_relation_heads = {}, None  # set by _check_pair when MiniLM is used
+        self.decoder_hidden_pairs, self.decoder_attention_pairs, self._encoder_decoder = [], [], False
         loaded, teacher = [], None
         try:
             self.task = detect_task(model)
@@ -319,12 +339,13 @@ class DistillationTrainer(Trainer):
                         "needs the same tokenizer. Use a student built from the teacher's tokenizer, or set "
                         "alpha=0 and distil hidden states only."
                     )
-        if (args.uses_hidden or args.uses_attention or args.uses_relations) and s_cfg.is_encoder_decoder:
+        if s_cfg.is_encoder_decoder and (args.uses_relations or (args.uses_attention and args.attention_loss == "minilm")):
             problems.append(
-                "hidden-state, attention and relation losses for encoder-decoder models are not supported yet; "
-                "set hidden_weight=0, attention_weight=0 and relation_weight=0."
+                "MiniLM relations and sample relations for encoder-decoder models are not supported yet; set "
+                "relation_weight=0 and use attention_loss='mse' or 'kl' (hidden and attention losses cover both stacks)."
             )
-        ls, lt = _depth(s_cfg), _depth(t_cfg)
+        ls, lt = _depth(s_cfg), _depth(t_cfg)  # the encoders of encoder-decoder models
+        problems += self._resolve_decoder_maps(s_cfg, t_cfg, args)
         try:
             if args.uses_hidden:
                 self.hidden_pairs = resolve_layer_map(args.layer_map, ls, lt, allow_embeddings=True)
@@ -384,6 +405,60 @@ class DistillationTrainer(Trainer):
                     f"teacher {widths['teacher']}); set it to a common divisor of them."]
         self.minilm_relation_heads = heads
         return []
+
+    def _resolve_decoder_maps(self, s_cfg, t_cfg, args: DistillationConfig) -> list[str]:
+        """Encoder-decoder models: the decoders' own layer pairs (`decoder_layer_map`, default `layer_map`).
+
+        Sets `decoder_hidden_pairs` and `decoder_attention_pairs` (empty for other models) and returns problems.
+        """
+        self.decoder_hidden_pairs, self.decoder_attention_pairs = [], []
+        self._encoder_decoder = bool(s_cfg.is_encoder_decoder)
+        if not self._encoder_decoder:
+            if args.decoder_layer_map is not None:
+                return [
+                    f"decoder_layer_map is set but the student {type(s_cfg).__name__} has a single stack of layers "
+                    "(not an encoder-decoder model); use layer_map alone."
+                ]
+            return []
+        layer_map = args.decoder_layer_map if args.decoder_layer_map is not None else args.layer_map
+        ls, lt = _decoder_depth(s_cfg), _decoder_depth(t_cfg)
+        try:
+            if args.uses_hidden:
+                self.decoder_hidden_pairs = resolve_layer_map(layer_map, ls, lt, what="decoder hidden")
+            if args.uses_attention:
+                self.decoder_attention_pairs = resolve_layer_map(
+                    layer_map, ls, lt, allow_embeddings=False, what="decoder attention"
+                )
+        except ValueError as err:
+            return [f"{err} (decoder_layer_map maps the decoders; layer_map the encoders)"]
+        return []
+
+    def _layer_stacks(self, inputs, s_out, t_out, counts) -> list[dict]:
+        """The stacks whose hidden states and attention maps are distilled, each with its own pairs and mask.
+
+        One stack for encoder-only and decoder-only models; for encoder-decoder models the encoder (masked by
+        attention_mask, pairs from layer_map) then the decoder (masked like its logits: labels != -100, else
+        decoder_attention_mask; pairs from decoder_layer_map). Cross-attention maps are not distilled.
+        """
+        if not self._encoder_decoder:
+            return [dict(
+                name="", s_hidden=getattr(s_out, "hidden_states", None), t_hidden=getattr(t_out, "hidden_states", None),
+                s_attn=getattr(s_out, "attentions", None), t_attn=getattr(t_out, "attentions", None),
+                hidden_pairs=self.hidden_pairs, attention_pairs=self.attention_pairs, mask=self._token_mask(inputs),
+                token=counts["token"], pair=counts["pair"],
+            )]
+        stacks = []
+        for side, hidden_pairs, attention_pairs, mask, key in (
+            ("encoder", self.hidden_pairs, self.attention_pairs, self._token_mask(inputs), ""),
+            ("decoder", self.decoder_hidden_pairs, self.decoder_attention_pairs, self._decoder_mask(inputs), "decoder_"),
+        ):
+            stacks.append(dict(
+                name=side + " ", s_hidden=getattr(s_out, f"{side}_hidden_states", None),
+                t_hidden=getattr(t_out, f"{side}_hidden_states", None), s_attn=getattr(s_out, f"{side}_attentions", None),
+                t_attn=getattr(t_out, f"{side}_attentions", None), hidden_pairs=hidden_pairs,
+                attention_pairs=attention_pairs, mask=mask, token=counts[key + "token"], pair=counts[key + "pair"],
+            ))
+        return stacks
 
     @staticmethod
     def _teacher_folder(teacher_model) -> str | None:
@@ -499,13 +574,14 @@ class DistillationTrainer(Trainer):
         labels = get("labels")
         if labels is None and self.task in ("sequence_classification", "token_classification"):
             labels = get("label")
-        if labels is not None and self.task in ("sequence_classification", "token_classification", "masked_lm", "causal_lm"):
+        if labels is not None and self.task in ("sequence_classification", "token_classification", "masked_lm", "causal_lm",
+                                                "seq2seq_lm"):
             flat = []
             for v in labels:
                 v = v.tolist() if torch.is_tensor(v) else v
                 flat.extend(v if isinstance(v, (list, tuple)) else [v])
             values = [int(v) for v in flat if v is not None and int(v) != -100]
-            if self.task in ("masked_lm", "causal_lm"):
+            if self.task in ("masked_lm", "causal_lm", "seq2seq_lm"):
                 high, what = student.config.get_text_config().vocab_size, "vocabulary size"
             else:
                 high, what = student.config.num_labels, "num_labels"
@@ -522,12 +598,13 @@ class DistillationTrainer(Trainer):
     def _build_projections(self, student, teacher, args) -> nn.ModuleList:
         """One learned linear map (student width -> teacher width) per hidden pair when widths differ."""
         ds, dt = _width(student.config), _width(teacher.config) if teacher is not None else self._teacher_width
-        if not self.hidden_pairs or ds == dt:
+        n_pairs = len(self.hidden_pairs) + len(self.decoder_hidden_pairs)  # encoder's first, then decoder's
+        if not n_pairs or ds == dt:
             return nn.ModuleList()
         # Seeded so that two runs with the same seed start from the same projections.
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(args.seed)
-        projections = nn.ModuleList(nn.Linear(ds, dt) for _ in self.hidden_pairs)
+        projections = nn.ModuleList(nn.Linear(ds, dt) for _ in range(n_pairs))
         torch.random.set_rng_state(gen_state)
         return projections.to(next(student.parameters()).dtype)
 
@@ -591,6 +668,7 @@ class DistillationTrainer(Trainer):
                 # Only when scheduled, so that checkpoints made before schedules existed still resume.
                 **{f"{name}_{key}": getattr(args, f"{name}_{key}") for name in ("temperature", "alpha")
                    if getattr(args, f"{name}_schedule") != "constant" for key in ("schedule", "end")},
+                **self._decoder_pairs_record(),
             },
         }
 
@@ -604,6 +682,12 @@ class DistillationTrainer(Trainer):
             out.update(relation_weight=args.relation_weight, relation_loss=args.relation_loss,
                        relation_pooling=args.relation_pooling)
         return out
+
+    def _decoder_pairs_record(self) -> dict:
+        if not (self.decoder_hidden_pairs or self.decoder_attention_pairs):
+            return {}
+        return {"decoder_hidden_pairs": [list(p) for p in self.decoder_hidden_pairs],
+                "decoder_attention_pairs": [list(p) for p in self.decoder_attention_pairs]}
 
     def _check_resume(self, checkpoint) -> None:
         path = os.path.join(checkpoint, KD_CONFIG_NAME)
@@ -650,10 +734,11 @@ class DistillationTrainer(Trainer):
         return logit_row_mask(self.task, inputs)
 
     def _token_mask(self, inputs) -> torch.Tensor:
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            return torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-        return mask.bool()  # (B, T)
+        return batch_token_mask(inputs)  # (B, T)
+
+    def _decoder_mask(self, inputs) -> torch.Tensor:
+        """Valid decoder positions of a seq2seq batch: those of its logits (B, T_decoder)."""
+        return self._logit_mask(inputs)
 
     def _count_items(self, inputs) -> dict[str, torch.Tensor]:
         """What each loss divides by, for one batch (summed over a window by `get_batch_samples`)."""
@@ -673,7 +758,7 @@ class DistillationTrainer(Trainer):
             label_rows = logit_rows
         token_mask = self._token_mask(inputs)
         lengths = token_mask.sum(-1)
-        return {
+        counts = {
             "logit": logit_rows.float(),
             "label": label_rows.float(),
             "token": lengths.sum().to(device).float(),
@@ -681,6 +766,11 @@ class DistillationTrainer(Trainer):
             # Batch-level losses (sample relations) are averaged over the micro-batches of all processes.
             "micro_batch": torch.ones((), device=device),
         }
+        if self.task == "seq2seq_lm":  # the decoder's hidden and attention losses average over its own positions
+            decoder_lengths = self._decoder_mask(inputs).sum(-1)
+            counts["decoder_token"] = decoder_lengths.sum().to(device).float()
+            counts["decoder_pair"] = (decoder_lengths.float() ** 2).sum().to(device)
+        return counts
 
     def _clip_grad_norm(self, model):
         """Clip the student's and the projections' gradients together (Trainer sees the student alone).
@@ -855,34 +945,39 @@ class DistillationTrainer(Trainer):
             total = total + (1 - alpha) * ce
 
         token_mask = self._token_mask(inputs)
-        if need_hidden:
-            s_hidden = s_out.hidden_states
-            t_hidden = t_out.hidden_states if t_out is not None else self._cached_hidden(inputs, token_mask)
+        stacks = self._layer_stacks(inputs, s_out, t_out, counts) if need_hidden or need_attn else []
+        if need_hidden and t_out is None:  # teacher_cache: the teacher's hidden states saved beside its logits
+            stacks[0]["t_hidden"] = self._cached_hidden(inputs, token_mask)
+        if need_hidden:  # the mean over every mapped pair (encoder-decoder: the encoder's and the decoder's)
             losses = []
-            for i, (ks, kt) in enumerate(self.hidden_pairs):
-                hs = s_hidden[ks]
-                if len(self.projections):
-                    hs = self.projections[i](hs)  # (B, T, D_teacher)
-                losses.append(
-                    hidden_state_loss(hs, t_hidden[kt], token_mask, kind=args.hidden_loss, normalizer=counts["token"])
-                )
+            for stack in stacks:
+                for ks, kt in stack["hidden_pairs"]:
+                    hs = stack["s_hidden"][ks]
+                    if len(self.projections):
+                        hs = self.projections[len(losses)](hs)  # (B, T, D_teacher)
+                    losses.append(hidden_state_loss(
+                        hs, stack["t_hidden"][kt], stack["mask"], kind=args.hidden_loss, normalizer=stack["token"]
+                    ))
             hidden = torch.stack(losses).mean()
             components["hidden_loss"] = hidden
             total = total + args.hidden_weight * hidden
         if need_attn:
-            s_attn, t_attn = s_out.attentions, t_out.attentions
-            if not s_attn or not t_attn or any(a is None for a in (*s_attn, *t_attn)):
-                raise RuntimeError(
-                    "the models returned no attention maps although attention_weight > 0. Load both with "
-                    "attn_implementation='eager' (sdpa and flash attention do not return them)."
-                )
-            norm = counts["pair"] if args.attention_loss == "mse" else counts["token"]
-            attn = torch.stack(
-                [
-                    attention_loss(s_attn[ks - 1], t_attn[kt - 1], token_mask, kind=args.attention_loss, normalizer=norm)
-                    for ks, kt in self.attention_pairs
+            losses = []
+            for stack in stacks:
+                s_attn, t_attn = stack["s_attn"], stack["t_attn"]
+                if stack["attention_pairs"] and (
+                    not s_attn or not t_attn or any(a is None for a in (*s_attn, *t_attn))
+                ):
+                    raise RuntimeError(
+                        f"the models returned no {stack['name']}attention maps although attention_weight > 0. Load "
+                        "both with attn_implementation='eager' (sdpa and flash attention do not return them)."
+                    )
+                norm = stack["pair"] if args.attention_loss == "mse" else stack["token"]
+                losses += [
+                    attention_loss(s_attn[ks - 1], t_attn[kt - 1], stack["mask"], kind=args.attention_loss, normalizer=norm)
+                    for ks, kt in stack["attention_pairs"]
                 ]
-            ).mean()
+            attn = torch.stack(losses).mean()
             components["attention_loss"] = attn
             total = total + args.attention_weight * attn
         if need_qkv:
@@ -1043,7 +1138,8 @@ class DistillationTrainer(Trainer):
         for who, out in (("student", s_out), ("teacher", t_out)):
             if out is None:
                 continue
-            for key in ("logits", "start_logits", "end_logits", "hidden_states", "attentions"):
+            for key in ("logits", "start_logits", "end_logits", "hidden_states", "attentions", "encoder_hidden_states",
+                        "decoder_hidden_states", "encoder_attentions", "decoder_attentions"):
                 value = getattr(out, key, None)
                 tensors = value if isinstance(value, (tuple, list)) else [value]
                 if any(torch.is_tensor(t) and not torch.isfinite(t).all() for t in tensors):
@@ -1362,7 +1458,9 @@ class DistillationTrainer(Trainer):
         kd.update(hidden_weight=args.hidden_weight, hidden_loss=args.hidden_loss,
                   attention_weight=args.attention_weight, attention_loss=args.attention_loss,
                   layer_map=args.layer_map, hidden_pairs=[list(p) for p in self.hidden_pairs],
-                  attention_pairs=[list(p) for p in self.attention_pairs], projections=len(self.projections))
+                  attention_pairs=[list(p) for p in self.attention_pairs], projections=len(self.projections),
+                  **({"decoder_layer_map": args.decoder_layer_map} if args.decoder_layer_map is not None else {}),
+                  **self._decoder_pairs_record())
         kd.update(self._relation_settings())
         eval_split = info.eval_split or getattr(self.eval_dataset, "split", None)
         command = info.command or (
