@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .losses import KD_LOSSES, Normalizer, _check_kind, _valid_mask, cross_entropy_loss, logit_distillation_loss
+from .losses import (
+    KD_LOSSES,
+    Normalizer,
+    _check_kind,
+    _valid_mask,
+    check_logit_loss_args,
+    cross_entropy_loss,
+    logit_distillation_loss,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -124,17 +132,8 @@ def chunked_logit_distillation_loss(
     gradient w.r.t. ``student_logits`` (its size and dtype, made by the backward pass). The teacher gets
     no gradient. Same value and gradient as the unchunked loss; returns a 0-dim fp32 tensor.
     """
-    _check_kind(kind, KD_LOSSES, "logit distillation")
+    check_logit_loss_args(student_logits.shape, teacher_logits.shape, kind, temperature, jsd_beta)
     _check_chunk(chunk_size)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
-    if kind != "mse" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     device = student_logits.device
     valid = _valid_mask(mask, student_logits.shape[:-1], device)  # (...)
     denom = _denominator(normalizer, valid.sum(), device)

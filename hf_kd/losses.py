@@ -61,6 +61,19 @@ def _check_kind(kind: str, valid: tuple, what: str) -> None:
         raise ValueError(f"unknown {what} kind {kind!r}; valid kinds are {valid}")
 
 
+def check_logit_loss_args(student_shape, teacher_shape, kind: str, temperature: float, jsd_beta: float) -> None:
+    """The argument checks every logit distillation loss (chunked or not) makes."""
+    _check_kind(kind, KD_LOSSES, "logit distillation")
+    if tuple(student_shape) != tuple(teacher_shape):
+        raise ValueError(
+            f"student logits {tuple(student_shape)} and teacher logits {tuple(teacher_shape)} must have the same shape"
+        )
+    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if kind != "mse" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def _valid_mask(mask: Optional[Tensor], lead_shape: torch.Size, device) -> Tensor:
     """Bool mask of exactly ``lead_shape`` (None -> all True)."""
     if mask is None:
@@ -158,16 +171,7 @@ def logit_distillation_loss(
     Returns sum over valid positions / (normalizer or number of valid positions),
     clamped to >= 1. Does NOT multiply by T^2 or any alpha (the trainer does).
     """
-    _check_kind(kind, KD_LOSSES, "logit distillation")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
-    if kind != "mse" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_logit_loss_args(student_logits.shape, teacher_logits.shape, kind, temperature, jsd_beta)
 
     device = student_logits.device
     shape = student_logits.shape

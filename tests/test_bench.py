@@ -1,0 +1,45 @@
+"""scripts/bench.py compares like with like: its tutorial-style loss is the divergence hf_kd computes."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from hf_kd.losses import logit_distillation_loss
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_loss_is_hf_kd_jsd_on_shifted_valid_positions():
+    bench = _bench()
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7, 50) * 3, torch.randn(3, 7, 50) * 3
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, 4:] = -100
+    labels[2, :3] = -100
+    mask = labels[:, 1:] != -100  # position i predicts token i+1
+    expected = logit_distillation_loss(s[:, :-1], t[:, :-1], mask, kind="jsd", jsd_beta=0.5, temperature=1.0)
+    got = bench.plain_jsd(s, t, labels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # and it is a real divergence: zero for equal logits, larger for further ones
+    assert bench.plain_jsd(s, s, labels).abs() < 1e-6
+    assert bench.plain_jsd(s, 2 * t, labels) > got
+
+
+def test_presets_meet_the_issue_sizes():
+    """>= 32k vocabulary, >= 4k tokens a batch, and a teacher with >= 4x the student's parameters (the
+    size at which the cached teacher must pay off). Built on the meta device: no memory, no time."""
+    bench = _bench()
+    for name in ("cpu", "gpu"):
+        p = bench.PRESETS[name]
+        assert p["vocab"] >= 32_000 and p["batch"] * p["length"] >= 4096
+        teacher, student = bench.build_models(p, "meta")
+        assert teacher.config.vocab_size == student.config.vocab_size == p["vocab"]
+        assert bench.n_params(teacher) >= 4 * bench.n_params(student), name
