@@ -57,9 +57,13 @@ class ModelArguments:
         },
     )
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the teacher fine-tune."})
-    teacher_seed: int = field(
-        default=42,
-        metadata={"help": "Seed of the teacher fine-tune, apart from `seed` so that student seeds share one teacher."},
+    teacher_seed: str = field(
+        default="42",
+        metadata={
+            "help": "Seed of the teacher fine-tune, apart from `seed` so that student seeds share one teacher. A list "
+            "such as [42, 7] fine-tunes one teacher per seed and distils from all of them (several teachers, "
+            "weighted by teacher_weights)."
+        },
     )
     cache_dir: str = field(default="~/.cache/hf_kd", metadata={"help": "Where fine-tuned teachers are cached."})
 
@@ -76,6 +80,21 @@ class ModelArguments:
             parse_student_layers(self.student_layers)
         if self.student_config is not None:
             parse_student_config(self.student_config)
+        self.teacher_seeds = parse_seeds(self.teacher_seed)
+        self.teacher_seed = self.teacher_seeds[0]  # the (first) teacher's seed, an int
+
+
+def parse_seeds(value) -> list[int]:
+    """`teacher_seed`: one int, or a JSON/YAML list of distinct ints (one fine-tuned teacher each)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    seeds = value if isinstance(value, list) else [value]
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"teacher_seed={value!r} must be an integer or a list of distinct integers, e.g. 42 or [42, 7].")
+    return seeds
 
 
 @dataclass
@@ -141,16 +160,28 @@ def _argv_from_recipe(recipe: dict, parser: argparse.ArgumentParser) -> list[str
 
 
 def load_recipe(path: str | Path, quick: bool = False) -> dict:
-    path = Path(path)
+    """A recipe's fields (with its `quick:` block applied when `quick`). `base: OTHER.yaml` (relative to the
+    recipe) starts from that recipe: its fields, then this one's; the quick blocks merge the same way."""
+    recipe, quick_block = _read_recipe(Path(path), ())
+    if quick:
+        recipe.update(quick_block)
+    return recipe
+
+
+def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
     if not path.is_file():
         raise SystemExit(f"hf-kd: recipe {path} does not exist. Pass --config recipes/NAME.yaml.")
+    if path.resolve() in seen:
+        raise SystemExit(f"hf-kd: recipe {path} names itself as a base, through {[str(p) for p in seen]}.")
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise SystemExit(f"hf-kd: recipe {path} must be a mapping of field: value.")
     quick_block = recipe.pop("quick", None) or {}
-    if quick:
-        recipe.update(quick_block)
-    return recipe
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe, quick_block
+    fields, base_quick = _read_recipe(path.parent / base, (*seen, path.resolve()))
+    return {**fields, **recipe}, {**base_quick, **quick_block}
 
 
 def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> None:

@@ -195,8 +195,10 @@ def _plain_args(config: DistillationConfig, output_dir: str, **changes) -> Train
 
 
 # ---------------------------------------------------------------------------- teacher
-def prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator):
-    """The teacher folder: the given one, or a fine-tuned copy cached by its settings."""
+def prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator, seed: int | None = None):
+    """The teacher folder: the given one, or a fine-tuned copy cached by its settings (`seed`: of the fine-tune,
+    default `teacher_seed`)."""
+    seed = model_args.teacher_seed if seed is None else seed
     source = resolve_model(model_args.teacher_model_name_or_path)
     if model_args.teacher_finetune_epochs <= 0:
         return source, None
@@ -210,7 +212,7 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
         "lr": model_args.teacher_learning_rate,
         "max_length": data_args.max_length,
         "batch": config.per_device_train_batch_size,
-        "seed": model_args.teacher_seed,
+        "seed": seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(model_args.cache_dir)) / "teachers" / digest
@@ -218,7 +220,7 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
         say(f"teacher: reusing the fine-tuned teacher cached in {cache}")
         return str(cache), None
     say(f"teacher: fine-tuning {model_args.teacher_model_name_or_path} for {model_args.teacher_finetune_epochs} epochs")
-    torch.manual_seed(model_args.teacher_seed)  # the new classification head
+    torch.manual_seed(seed)  # the new classification head
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
     )
@@ -236,7 +238,7 @@ def prepare_teacher(model_args, data_args, config, train, names, tokenizer, coll
             load_best_model_at_end=False,
             report_to=[],
             push_to_hub=False,
-            seed=model_args.teacher_seed,
+            seed=seed,
             data_seed=None,
         )
         start = time.perf_counter()
@@ -278,8 +280,16 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     say(f"data: {len(train)} training rows{extra}, {len(held_out) if held_out else 0} held-out rows, labels {names}")
     collator = DataCollatorWithPadding(tokenizer)
 
-    teacher_dir, teacher_seconds = prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator)
+    seeds = getattr(model_args, "teacher_seeds", [model_args.teacher_seed])
+    if len(seeds) > 1 and config.teacher_cache:
+        raise SystemExit("hf-kd: teacher_cache holds one teacher's outputs; give one teacher_seed.")
+    prepared = [prepare_teacher(model_args, data_args, config, train, names, tokenizer, collator, seed=s) for s in seeds]
+    teacher_dir, teacher_seconds = prepared[0]
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    # teacher_seed: [a, b, ...]: one fine-tuned teacher per seed, distilled together (hf_kd.teachers)
+    others = [AutoModelForSequenceClassification.from_pretrained(d) for d, _ in prepared[1:]]
+    if others:
+        say(f"teachers: {len(prepared)} fine-tunes (seeds {seeds}), distilled together")
     if model_args.student_model_name_or_path:
         student = AutoModelForSequenceClassification.from_pretrained(resolve_model(model_args.student_model_name_or_path))
         student_init = model_args.student_model_name_or_path
@@ -311,7 +321,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         distil_set = cached
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=None if config.teacher_cache else teacher,
+        teacher_model=None if config.teacher_cache else ([teacher, *others] if others else teacher),
         args=config,
         train_dataset=distil_set,
         eval_dataset=held_out,
@@ -334,6 +344,11 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         "distilled": {"train_seconds": kd_seconds, "steps": trainer.state.global_step},
         "teacher_model": {"path": teacher_dir, "train_seconds": teacher_seconds},
     }
+    if others:  # every teacher's own accuracy; the report's teacher row is the first
+        results["teachers"] = [
+            {"seed": s, "path": d, "accuracy": accuracy(m, held_out, collator) if held_out is not None else None}
+            for s, (d, _), m in zip(seeds, prepared, [teacher, *others])
+        ]
     models = {"teacher": (teacher, teacher_dir), "distilled": (student, config.output_dir)}
 
     if baseline_init is not None:

@@ -172,3 +172,41 @@ def test_unlabelled_rows_beyond_the_split_are_refused(tiny_recipe):
     with pytest.raises(SystemExit, match="max_train_samples \\+ unlabelled_samples"):
         main(["distill", "--config", str(path), "--max_train_samples", "40", "--unlabelled_samples", "40"])
     assert not (tmp / "out").exists()
+
+
+def test_teacher_seed_list_distils_from_one_fine_tuned_teacher_per_seed(tiny_recipe):
+    """teacher_seed: [a, b] fine-tunes the teacher once per seed (cached apart) and distils from both."""
+    path, tmp, _ = tiny_recipe
+    argv = ["distill", "--config", str(path), "--teacher_seed", "[3, 4]", "--teacher_finetune_epochs", "1",
+            "--cache_dir", str(tmp / "cache"), "--hidden_weight", "0", "--attention_weight", "0",
+            "--report", "false", "--baseline", "false"]
+    assert main(argv) == 0
+    results = json.loads((tmp / "out" / "results.json").read_text())
+    seeds = [t["seed"] for t in results["teachers"]]
+    paths = [t["path"] for t in results["teachers"]]
+    assert seeds == [3, 4] and len(set(paths)) == 2
+    infos = sorted(json.loads(p.read_text())["seed"] for p in (tmp / "cache").rglob("hf_kd_teacher.json"))
+    assert infos == [3, 4]
+    provenance = json.loads(next((tmp / "out").glob("*provenance*.json")).read_text())
+    assert len(provenance["teachers"]) == 2
+
+
+@pytest.mark.parametrize("bad", ["[3, 3]", "[]", "x", "[1.5]"])
+def test_teacher_seed_must_be_distinct_integers(tiny_recipe, bad):
+    path, tmp, _ = tiny_recipe
+    with pytest.raises((SystemExit, ValueError), match="teacher_seed"):
+        main(["distill", "--config", str(path), "--teacher_seed", bad])
+    assert not (tmp / "out").exists()
+
+
+def test_recipe_base_merges_fields_and_quick_blocks(tmp_path):
+    from hf_kd.cli import load_recipe
+
+    (tmp_path / "base.yaml").write_text("a: 1\nb: 2\nquick:\n  a: 10\n  c: 30\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../base.yaml\nb: 20\nquick:\n  c: 300\n")
+    assert load_recipe(tmp_path / "sub" / "child.yaml") == {"a": 1, "b": 20}
+    assert load_recipe(tmp_path / "sub" / "child.yaml", quick=True) == {"a": 10, "b": 20, "c": 300}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(SystemExit, match="names itself"):
+        load_recipe(tmp_path / "loop.yaml")
