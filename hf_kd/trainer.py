@@ -196,6 +196,7 @@ class DistillationTrainer(Trainer):
         self._cache_meta = None
         self._minilm_modules, self.minilm_relation_heads = {}, None  # set by _check_pair when MiniLM is used
         self.decoder_hidden_pairs, self.decoder_attention_pairs, self._encoder_decoder = [], [], False
+        self._use_cache_arg: bool | None = None  # whether the forward passes get use_cache=False (decoders)
         loaded, teacher = [], None
         try:
             self.task = detect_task(model)
@@ -887,7 +888,7 @@ class DistillationTrainer(Trainer):
         model_inputs = self._split_inputs(inputs)
         need_hidden, need_attn = bool(self.hidden_pairs), bool(self.attention_pairs) and args.uses_attention_maps
         need_qkv = bool(self._minilm_modules) and args.uses_attention
-        extra = {}
+        extra = {"use_cache": False} if self._takes_use_cache(model) else {}
         if need_hidden or args.uses_relations:
             extra["output_hidden_states"] = True
         if need_attn:
@@ -1009,6 +1010,20 @@ class DistillationTrainer(Trainer):
         # Counts are summed over every process; DDP averages gradients, so the sum is restored here.
         total = total * self.args.world_size
         return (total, s_out) if return_outputs else total
+
+    def _takes_use_cache(self, model) -> bool:
+        """Decoders build a KV cache unless told not to: memory no training step reads, and with a cache
+        Transformers does not separate the examples of a padding-free (packed) batch. True when every model
+        run here takes `use_cache`."""
+        if self._use_cache_arg is None:
+            import inspect
+
+            models = [unwrap(self.accelerator.unwrap_model(model)), *(unwrap(t) for t in self.teachers)]
+            self._use_cache_arg = all(
+                "use_cache" in inspect.signature(m.forward).parameters and getattr(m.config, "use_cache", None) is not None
+                for m in models
+            )
+        return self._use_cache_arg
 
     def _sample_relation_loss(self, s_out, t_out, token_mask) -> torch.Tensor:
         """`relation_loss` between the examples of this micro-batch, on one embedding per example.
