@@ -5,8 +5,8 @@
     python scripts/bench.py --steps 3 --reps 2 --skip trl   # quicker; any section can be skipped
 
 Every variant trains the same student (same initial weights, AdamW, same batch) against the same teacher
-with the same divergence (generalised JSD, beta 0.5, T = 1: GKD's default, which TRL's GKD trainer
-computes from full logits), for `--steps` timed optimizer steps after `--warmup` untimed ones, repeated
+with the same divergence (forward KL(teacher || student), T = 1: TRL's GKD loss with beta = 0, computed
+there from full logits), for `--steps` timed optimizer steps after `--warmup` untimed ones, repeated
 `--reps` times with the variants interleaved (A B C ... A B C ...), so drift on a shared machine hits
 them all alike. Printed: medians and the ratios that matter.
 
@@ -15,7 +15,7 @@ Variants
            the divergence over (tokens x vocabulary), backward.
 - hf_kd:   `DistillationTrainer.training_step` (the loss it picks by default: chunked through the lm_head
            for a vocabulary this size) + the optimizer step.
-- trl:     TRL's `GKDTrainer.training_step` with lmbda = 0 (no on-policy generation) and seq_kd off:
+- trl:     TRL's `GKDTrainer.training_step` with lmbda = 0 (no on-policy generation), beta = 0, seq_kd off:
            off-policy distillation on the same batch + the optimizer step.
 - limit:   one teacher forward without gradients + one plain training step of the student (its own
            cross-entropy on the labels, as Transformers computes it) on the same batch, timed separately
@@ -52,8 +52,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 PRESETS = {
-    # teacher ~59M parameters (34M of them embeddings and lm_head), student ~8.8M: 6.7x
-    "cpu": dict(vocab=32768, t_hidden=512, t_layers=8, t_heads=8, s_hidden=128, s_layers=2, s_heads=4,
+    # teacher ~20M parameters (17M of them embeddings and lm_head), student ~4.3M: 4.6x; 2 CPU cores: ~9 min
+    "cpu": dict(vocab=32768, t_hidden=256, t_layers=4, t_heads=4, s_hidden=64, s_layers=2, s_heads=2,
                 batch=8, length=512),
     "gpu": dict(vocab=32768, t_hidden=2048, t_layers=16, t_heads=16, s_hidden=512, s_layers=4, s_heads=8,
                 batch=16, length=1024),
@@ -95,12 +95,11 @@ def n_params(model) -> int:
 
 
 # --------------------------------------------------------------------------- the plain loss (tutorial style)
-def plain_jsd(student_logits, teacher_logits, labels, beta=0.5):
-    """Generalised JSD on full logits, as written in most tutorials: everything (tokens x V) in fp32."""
+def plain_kl(student_logits, teacher_logits, labels):
+    """Forward KL(teacher || student) on full logits, as written in most tutorials: (tokens x V) in fp32."""
     s = torch.log_softmax(student_logits[:, :-1].float(), -1)
     t = torch.log_softmax(teacher_logits[:, :-1].float(), -1)
-    m = torch.logsumexp(torch.stack([s + torch.log(torch.tensor(1 - beta)), t + torch.log(torch.tensor(beta))]), 0)
-    per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    per_token = (t.exp() * (t - s)).sum(-1)
     mask = labels[:, 1:] != -100
     return per_token[mask].sum() / mask.sum()
 
@@ -126,7 +125,7 @@ class Plain(Runner):
         s_logits = self.student(**inputs).logits
         with torch.no_grad():
             t_logits = self.teacher(**inputs).logits
-        loss = plain_jsd(s_logits, t_logits, batch["labels"])
+        loss = plain_kl(s_logits, t_logits, batch["labels"])
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -153,7 +152,7 @@ def hf_kd_runner(teacher, student, lr, out, cache=None, **extra):
     from hf_kd import DistillationConfig, DistillationTrainer
 
     names = {f.name for f in fields(DistillationConfig)}
-    options = dict(kd_loss="jsd", jsd_beta=0.5, temperature=1.0, alpha=1.0, **extra)
+    options = dict(kd_loss="forward_kl", temperature=1.0, alpha=1.0, **extra)
     if cache is not None:
         options["teacher_cache"] = cache.cache_folder
     args = DistillationConfig(
@@ -180,7 +179,7 @@ def trl_runner(teacher, student, lr, out):
     tok.pad_token = "<pad>"
     args = GKDConfig(
         output_dir=out, learning_rate=lr, per_device_train_batch_size=1, report_to="none", save_strategy="no",
-        lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False, use_cpu=not torch.cuda.is_available(),
+        lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, use_cpu=not torch.cuda.is_available(),
         disable_dropout=True,
     )
     dummy = Dataset.from_dict({"input_ids": [[1, 2]], "attention_mask": [[1, 1]], "labels": [[1, 2]]})
@@ -344,11 +343,11 @@ def memory_case(case: str, preset: str, device: str) -> float:
             mask = batch["labels"][:, 1:] != -100
             before = _reset_peak(device)
             if kind == "plain":
-                loss = plain_jsd(hs @ ws.T, ht @ wt.T, batch["labels"])
+                loss = plain_kl(hs @ ws.T, ht @ wt.T, batch["labels"])
             else:  # what hf_kd's trainer calls for this pair (the route through the heads, auto chunk size)
                 from hf_kd.chunked import auto_chunk_size, linear_distillation_loss
 
-                loss = linear_distillation_loss(hs[:, :-1], ws, ht[:, :-1], wt, mask, kind="jsd", jsd_beta=0.5,
+                loss = linear_distillation_loss(hs[:, :-1], ws, ht[:, :-1], wt, mask, kind="forward_kl",
                                                 temperature=1.0, chunk_size=auto_chunk_size(p["vocab"]))
             loss.backward()
             return _peak(device) - before
@@ -379,13 +378,14 @@ def measure_memory(cases, preset, device) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per repetition")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (variants interleaved)")
+    parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per repetition")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions (variants interleaved)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--top_k", type=int, default=64, help="k of the cached teacher logits")
     parser.add_argument("--skip", nargs="*", default=[], choices=[*VARIANTS, "memory"])
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--memory_all", action="store_true", help="also the peak memory of the trl and cached steps")
     parser.add_argument("--_memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -403,7 +403,8 @@ def main() -> int:
     times = time_variants(names, p, args, device)
     memory = {}
     if "memory" not in args.skip:
-        cases = ["loss:plain", "loss:hf_kd"] + [n for n in names if n != "limit"]
+        cases = ["loss:plain", "loss:hf_kd"] + [n for n in names if n in (("plain", "hf_kd") if not args.memory_all
+                                                                            else ("plain", "hf_kd", "trl", "cached"))]
         memory = measure_memory(cases, args.preset, device)
 
     tokens = p["batch"] * p["length"]

@@ -17,7 +17,7 @@ def _bench():
     return module
 
 
-def test_plain_loss_is_hf_kd_jsd_on_shifted_valid_positions():
+def test_plain_loss_is_hf_kd_forward_kl_on_shifted_valid_positions():
     bench = _bench()
     torch.manual_seed(0)
     s, t = torch.randn(3, 7, 50) * 3, torch.randn(3, 7, 50) * 3
@@ -25,12 +25,12 @@ def test_plain_loss_is_hf_kd_jsd_on_shifted_valid_positions():
     labels[0, 4:] = -100
     labels[2, :3] = -100
     mask = labels[:, 1:] != -100  # position i predicts token i+1
-    expected = logit_distillation_loss(s[:, :-1], t[:, :-1], mask, kind="jsd", jsd_beta=0.5, temperature=1.0)
-    got = bench.plain_jsd(s, t, labels)
+    expected = logit_distillation_loss(s[:, :-1], t[:, :-1], mask, kind="forward_kl", temperature=1.0)
+    got = bench.plain_kl(s, t, labels)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # and it is a real divergence: zero for equal logits, larger for further ones
-    assert bench.plain_jsd(s, s, labels).abs() < 1e-6
-    assert bench.plain_jsd(s, 2 * t, labels) > got
+    assert bench.plain_kl(s, s, labels).abs() < 1e-6
+    assert bench.plain_kl(s, 2 * t, labels) > got
 
 
 def test_presets_meet_the_issue_sizes():
@@ -43,3 +43,19 @@ def test_presets_meet_the_issue_sizes():
         teacher, student = bench.build_models(p, "meta")
         assert teacher.config.vocab_size == student.config.vocab_size == p["vocab"]
         assert bench.n_params(teacher) >= 4 * bench.n_params(student), name
+
+
+def test_trl_gkd_with_beta_0_is_the_same_divergence():
+    """The TRL variant computes the same loss as hf_kd's forward KL (when trl is installed: hf_kd[bench])."""
+    import pytest
+
+    pytest.importorskip("trl")
+    from trl.experimental.gkd import GKDTrainer
+
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 6, 40) * 2, torch.randn(2, 6, 40) * 2
+    labels = torch.randint(0, 40, (2, 6))
+    labels[1, :2] = -100
+    trl_loss = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=0.0, temperature=1.0)
+    ours = logit_distillation_loss(s, t, labels != -100, kind="forward_kl", temperature=1.0)
+    torch.testing.assert_close(trl_loss, ours, rtol=1e-5, atol=1e-6)
