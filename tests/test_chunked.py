@@ -176,8 +176,10 @@ def test_linear_head_loss_bf16_inputs_fp32_loss_equal_to_unchunked():
     g = torch.autograd.grad(out.loss, leaves)
     assert out.loss.dtype == torch.float32 and g[0].dtype == g[1].dtype == torch.bfloat16
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    # The gradient of the logits is formed in fp32 (KD + CE) and cast to bf16 once; autograd rounds each term's
+    # gradient to bf16 before adding them: a difference of bf16 rounding (eps 2^-8), no more.
+    torch.testing.assert_close(g[0].float(), g_ref[0].float(), rtol=2**-7, atol=2e-3)
     # Per-chunk bf16 products of the head's gradient are summed in fp32 (unchunked: one bf16 matmul).
-    torch.testing.assert_close(g[0].float(), g_ref[0].float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[1].float(), g_ref[1].float(), rtol=1e-2, atol=1e-3)
 
 
