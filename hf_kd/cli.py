@@ -195,24 +195,27 @@ def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> No
         raise SystemExit(f"hf-kd: unknown key in {source}: {', '.join(lines)}. Run `hf-kd distill --help` for fields.")
 
 
-def parse_distill_args(argv: list[str]):
-    """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
+def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) -> tuple:
+    """The dataclasses `types` filled from a recipe (`--config`, `--quick`) plus command-line overrides."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
+    pre.add_argument("--config", default=default_config, required=default_config is None)
     pre.add_argument("--quick", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(PARSER_TYPES, prog="hf-kd distill")
+    parser = HfArgumentParser(types, prog=prog)
     if "-h" in rest or "--help" in rest:
         parser.print_help()
         raise SystemExit(0)
-    config = known.config or DEFAULT_RECIPE
-    recipe = load_recipe(config, quick=known.quick)
-    check_keys(recipe, parser, str(config))
-    words = _argv_from_recipe(recipe, parser) + rest
+    recipe = load_recipe(known.config, quick=known.quick)
+    check_keys(recipe, parser, str(known.config))
     try:
-        return parser.parse_args_into_dataclasses(args=words)
+        return tuple(parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest))
     except ValueError as err:
         raise SystemExit(f"hf-kd: {err}") from None
+
+
+def parse_distill_args(argv: list[str]):
+    """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
+    return parse_recipe_args(PARSER_TYPES, argv, "hf-kd distill", default_config=DEFAULT_RECIPE)
 
 
 def _recipe_task(argv: list[str]) -> str | None:

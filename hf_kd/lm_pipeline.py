@@ -22,7 +22,6 @@ recipe's ``quick:`` block (as `hf-kd distill` does).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -283,24 +282,14 @@ def results_markdown(results: dict) -> str:
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv: list[str]) -> tuple[LMArguments, DistillationConfig]:
-    from .cli import _argv_from_recipe, check_keys, load_recipe
+    from .cli import parse_recipe_args
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", required=True)
-    pre.add_argument("--quick", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((LMArguments, DistillationConfig), prog="python -m hf_kd.lm_pipeline")
-    recipe = load_recipe(known.config, quick=known.quick)
-    check_keys(recipe, parser, known.config)
-    try:
-        return tuple(parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest))
-    except ValueError as err:
-        raise SystemExit(f"hf-kd: {err}") from None
+    return parse_recipe_args((LMArguments, DistillationConfig), argv, "python -m hf_kd.lm_pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
+    if ("-h" in argv or "--help" in argv) and "--config" not in argv:
         HfArgumentParser((LMArguments, DistillationConfig), prog="python -m hf_kd.lm_pipeline").print_help()
         return 0
     lm_args, config = parse_args(argv)

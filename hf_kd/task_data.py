@@ -167,26 +167,9 @@ def prepare(args: TaskArguments, split, tokenizer, student):
 
 
 def parse(argv: list[str]) -> tuple[TaskArguments, DistillationConfig]:
-    import argparse
+    from .cli import parse_recipe_args
 
-    from transformers import HfArgumentParser
-
-    from .cli import _argv_from_recipe, check_keys, load_recipe
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", required=True)
-    pre.add_argument("--quick", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((TaskArguments, DistillationConfig), prog="hf-kd distill")
-    if "-h" in rest or "--help" in rest:
-        parser.print_help()
-        raise SystemExit(0)
-    recipe = load_recipe(known.config, quick=known.quick)
-    check_keys(recipe, parser, known.config)
-    try:
-        return parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest)
-    except ValueError as err:
-        raise SystemExit(f"hf_kd.task_data: {err}") from None
+    return parse_recipe_args((TaskArguments, DistillationConfig), argv, "hf-kd distill")
 
 
 def run(args: TaskArguments, config: DistillationConfig) -> dict:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .losses import topk_distillation_loss
-from .tasks import TOKEN_TASKS, detect_task, logit_row_mask, unwrap
+from .tasks import detect_task, logit_row_mask, unwrap
 from .tasks import token_mask as _token_mask
 
 logger = logging.getLogger(__name__)
