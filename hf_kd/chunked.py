@@ -36,6 +36,7 @@ from .losses import (
     check_logit_loss_args,
     cross_entropy_loss,
     logit_distillation_loss,
+    topk_distillation_loss,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "linear_cross_entropy_loss",
     "linear_head_loss",
     "HeadLoss",
+    "TopK",
 ]
 
 #: Rows per chunk when none is given: 1024 x a 128k vocabulary is 0.5 GB per fp32 tensor.
@@ -54,6 +56,7 @@ DEFAULT_CHUNK_SIZE = 1024
 #: `auto_chunk_size` keeps one fp32 (chunk, V) tensor near 64 MiB (a chunk's loss and gradient hold about a dozen).
 AUTO_CHUNK_ELEMENTS = 1 << 24
 _F32 = torch.float32
+_F32_MIN = torch.finfo(torch.float32).min
 
 
 def auto_chunk_size(num_classes: int) -> int:
@@ -191,35 +194,103 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optio
     return F.linear(hidden, weight, bias)  # (c, V)
 
 
-def _kl_ce_chunk(zs, zt, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature):
+def _softmax_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(z) and logsumexp(z) over the last dim of fp32 (c, V) ``z``, with one extra read of ``z``:
+    at the row's largest logit, log softmax = z_max - lse, and that probability is >= 1 / V (no underflow)."""
+    p = torch.softmax(z, dim=-1)  # (c, V)
+    top = z.argmax(-1, keepdim=True)  # (c, 1)
+    return p, (z.gather(-1, top) - p.gather(-1, top).log())[:, 0]  # (c, V), (c,)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b, -1) for (c, V) tensors without a (c, V) product: a batched dot."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]  # (c,)
+
+
+@dataclass
+class TopK:
+    """A teacher stored as its top-k classes plus one "rest" bucket (`hf_kd.teacher_cache`), one row per valid
+    position: ``ids`` (N, k), ``logits`` (N, k) raw teacher logits, ``logsumexp`` (N,) = logsumexp(z_t / T)
+    over all classes, ``rest_logprob`` (N,) = log of the teacher's mass outside the top k at T."""
+
+    ids: Tensor
+    logits: Tensor
+    logsumexp: Tensor
+    rest_logprob: Tensor
+
+    def take(self, rows: Tensor) -> "TopK":
+        return TopK(self.ids[rows].long(), self.logits[rows].float(), self.logsumexp[rows].float(),
+                    self.rest_logprob[rows].float())
+
+
+def _topk_kl_grad(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: float) -> tuple[Tensor, Tensor]:
+    """Forward KL over the k + 1 buckets of `losses.topk_distillation_loss`, per row, and its gradient with
+    respect to the student's logits at T (``z_t`` = z / T, ``ps`` = softmax(z_t), ``lse_s`` its logsumexp).
+
+    With q the teacher's bucket probabilities (Q their sum), P the student's mass outside the top k and
+    r = q_rest / P: d KL / d z_v = Q p_v - q_v for a top-k class v, Q p_v - r p_v for any other (the rest
+    bucket's mass spread as the student spreads it). ``ps`` is overwritten with that gradient."""
+    ids = target.ids  # (c, k)
+    log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(_F32_MIN)  # (c, k)
+    log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
+    q, q_rest = log_q.exp(), log_q_rest.exp()
+    log_ps_top = (z_t.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
+    # log P: a logsumexp over the classes outside the top k (exact when that mass is tiny)
+    log_p_rest = (torch.logsumexp(z_t.scatter(-1, ids, float("-inf")), dim=-1) - lse_s).clamp_min(_F32_MIN)  # (c,)
+    per_row = (q * (log_q - log_ps_top)).sum(-1) + q_rest * (log_q_rest - log_p_rest)  # (c,)
+    big_q = q.sum(-1) + q_rest  # (c,)
+    r = (log_q_rest - log_p_rest).clamp_max(60.0).exp()  # (c,); p_v <= P bounds r * p_v by q_rest
+    ps_top = ps.gather(-1, ids)  # (c, k)
+    g = ps.mul_((big_q - r)[:, None])  # (c, V): every class as if outside the top k ...
+    g.scatter_(-1, ids, ps_top * big_q[:, None] - q)  # ... then the top-k classes
+    return per_row, g
+
+
+def _kl_ce_chunk(zs, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature):
     """Forward KL and cross entropy of one chunk of rows, and the gradient of their weighted sum with respect
     to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T and d CE / d z =
-    softmax(z) - onehot(label) (each over its denominator). The same values and gradients as autograd through
-    `logit_distillation_loss` / `cross_entropy_loss` (tests), with fewer (c, V) temporaries."""
+    softmax(z) - onehot(label) (each over its denominator). ``target`` is the teacher's logits (c, V) or a
+    `TopK` chunk. The same values and gradients as autograd through `logit_distillation_loss` /
+    `topk_distillation_loss` / `cross_entropy_loss` (tests), with few passes over (c, V) tensors: one softmax
+    per model (shared with CE at T = 1), batched dot products for the KL value."""
     z = zs.float()  # (c, V)
-    g = torch.zeros_like(z)
+    g = None
     kd = torch.zeros((), dtype=_F32, device=z.device)
     ce = torch.zeros((), dtype=_F32, device=z.device)
+    ps = lse_s = None
     if kd_weight is not None:
-        log_ps = torch.log_softmax(z / temperature, dim=-1)  # (c, V)
-        log_pt = torch.log_softmax(zt.float() / temperature, dim=-1)  # (c, V)
-        pt = log_pt.exp()
-        per_row = (pt * (log_pt - log_ps)).sum(-1)  # (c,)
+        z_t = z / temperature if temperature != 1.0 else z  # (c, V)
+        ps, lse_s = _softmax_lse(z_t)  # (c, V), (c,)
         denom = kd_denom.clamp_min(1.0)
-        kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
         scale = torch.where(kd_valid, kd_weight / (temperature * denom), 0.0)[:, None]  # (c, 1)
-        g += (log_ps.exp_() - pt) * scale  # log_ps is not read again
-        del log_pt, pt
+        if isinstance(target, TopK):
+            ps_keep = ps.clone() if (ce_weight is not None and temperature == 1.0) else None
+            per_row, g = _topk_kl_grad(z_t, ps, lse_s, target, temperature)
+            g.mul_(scale)
+            ps = ps_keep
+        else:
+            zt = target.float()
+            zt = zt / temperature if temperature != 1.0 else zt
+            pt, lse_t = _softmax_lse(zt)
+            # KL = sum p_t (z_t - z_s) / T - lse_t + lse_s (sum p_t = 1); z_t - z_s in a fresh tensor.
+            per_row = _rowdot(pt, zt - z_t) - lse_t + lse_s  # (c,)
+            g = ps * scale  # (c, V)
+            g.addcmul_(pt, scale, value=-1.0)  # (p_s - p_t) / T over the denominator
+            del pt, zt
+        kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
     if ce_weight is not None:
         ce_valid = labels != -100  # (c,)
-        log_p = torch.log_softmax(z, dim=-1)  # (c, V)
-        target = torch.where(ce_valid, labels, 0)[:, None]  # (c, 1)
+        if ps is None or temperature != 1.0:
+            ps, lse_s = _softmax_lse(z)
+        target_ids = torch.where(ce_valid, labels, 0)[:, None]  # (c, 1)
         denom = ce_denom.clamp_min(1.0)
-        ce = torch.where(ce_valid, -log_p.gather(-1, target)[:, 0], 0.0).sum() / denom
+        ce = torch.where(ce_valid, lse_s - z.gather(-1, target_ids)[:, 0], 0.0).sum() / denom
         scale = torch.where(ce_valid, ce_weight / denom, 0.0)[:, None]  # (c, 1)
-        p = log_p.exp_()
-        p.scatter_add_(-1, target, torch.full_like(target, -1, dtype=p.dtype))  # softmax - onehot
-        g += p * scale
+        if g is None:
+            g = ps.mul_(scale)
+        else:
+            g.addcmul_(ps, scale)
+        g.scatter_add_(-1, target_ids, -scale)  # softmax - onehot
     return g.to(zs.dtype), kd, ce
 
 
@@ -227,7 +298,7 @@ class _LinearHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, settings):
         (index, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight,
-         kind, temperature, jsd_beta, chunk_size, s_dtype, t_dtype) = settings
+         kind, temperature, jsd_beta, chunk_size, s_dtype, t_dtype, topk, topk_row) = settings
         n = index[0].numel() if index else 0
         device = s_hidden.device
         needs = ctx.needs_input_grad
@@ -243,8 +314,13 @@ class _LinearHeadLoss(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=_F32, device=device)
         for start in range(0, n, chunk_size):
             rows = _take(index, start, start + chunk_size)
-            with torch.no_grad():
-                zt = _logits(t_hidden[rows], tw, tb, t_dtype) if kd_weight is not None else None  # (c, V)
+            if kd_weight is None:
+                zt = None
+            elif topk is not None:  # this chunk's rows of the stored top-k teacher (rows without one: any row)
+                zt = topk.take(topk_row[rows].clamp_min(0))
+            else:
+                with torch.no_grad():
+                    zt = _logits(t_hidden[rows], tw, tb, t_dtype)  # (c, V)
             if kind == "forward_kl" or kd_weight is None:  # closed-form gradient: no autograd graph per chunk
                 with torch.no_grad():
                     h = s_hidden[rows]  # (c, D)
@@ -265,11 +341,17 @@ class _LinearHeadLoss(torch.autograd.Function):
                 h = s_hidden[rows].detach().requires_grad_(needs[0])  # (c, D)
                 zs = _logits(h, w, b, s_dtype)  # (c, V)
                 loss = torch.zeros((), dtype=_F32, device=device)
-                if kd_weight is not None:
+                if kd_weight is not None and topk is not None:
+                    kd = topk_distillation_loss(
+                        zs, zt.ids, zt.logits, zt.logsumexp, zt.rest_logprob, kd_valid[rows], kind=kind,
+                        temperature=temperature, jsd_beta=jsd_beta, normalizer=kd_denom,
+                    )
+                elif kd_weight is not None:
                     kd = logit_distillation_loss(
                         zs, zt, kd_valid[rows], kind=kind, temperature=temperature, jsd_beta=jsd_beta,
                         normalizer=kd_denom,
                     )
+                if kd_weight is not None:
                     kd_sum += kd.detach()
                     loss = loss + kd_weight * kd
                 if ce_weight is not None:
@@ -329,6 +411,7 @@ def linear_head_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     student_dtype: Optional[torch.dtype] = None,
     teacher_dtype: Optional[torch.dtype] = None,
+    teacher_topk: Optional[TopK] = None,
 ) -> HeadLoss:
     """Distillation and/or cross entropy through linear heads, ``chunk_size`` positions at a time.
 
@@ -344,20 +427,30 @@ def linear_head_loss(
     hidden states, weight and bias) equal those of the unchunked losses on the full logits. The teacher
     gets no gradient. Gradients are computed during the forward pass and stored: (..., D) for the hidden
     states, (V, D) summed in fp32 for the weight; the largest transient tensors are (chunk_size, V).
+
+    ``teacher_topk`` (instead of ``teacher_hidden`` and ``teacher_weight``): a teacher stored as its top-k
+    classes (`TopK`, one row per position of ``mask``, in row-major order, as `hf_kd.teacher_cache` saves
+    them); the distillation term is then `topk_distillation_loss` (not ``mse``).
     """
     _check_chunk(chunk_size)
     if kd_weight is None and ce_weight is None:
         raise ValueError("linear_head_loss needs kd_weight or ce_weight (or both)")
     if kd_weight is not None:
         _check_kind(kind, KD_LOSSES, "logit distillation")
-        if teacher_hidden is None or teacher_weight is None:
+        if teacher_topk is not None:
+            if teacher_hidden is not None or teacher_weight is not None:
+                raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_topk, not both")
+            if kind == "mse":
+                raise ValueError("kd_loss='mse' compares every raw logit; a top-k teacher cannot give it. Use "
+                                 "forward_kl, reverse_kl or jsd.")
+        elif teacher_hidden is None or teacher_weight is None:
             raise ValueError("the distillation term (kd_weight) needs teacher_hidden and teacher_weight")
-        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        elif teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(
                 f"teacher hidden {tuple(teacher_hidden.shape)} and student hidden {tuple(student_hidden.shape)} "
                 "must have the same leading shape"
             )
-        if teacher_weight.shape[0] != student_weight.shape[0]:
+        if teacher_weight is not None and teacher_weight.shape[0] != student_weight.shape[0]:
             raise ValueError(
                 f"teacher head has {teacher_weight.shape[0]} outputs and student head {student_weight.shape[0]}; "
                 "distillation needs the same vocabulary"
@@ -386,13 +479,30 @@ def linear_head_loss(
         ce_valid = torch.zeros(lead, dtype=torch.bool, device=device)
         labels = torch.full(lead, -100, dtype=torch.long, device=device)
     index = _rows(kd_valid | ce_valid)  # positions either term uses; the others are never touched
+    topk_row = None
+    if kd_weight is not None and teacher_topk is not None:
+        n_kd = int(kd_valid.sum())
+        k = teacher_topk.ids.shape[-1]
+        if teacher_topk.ids.shape != (n_kd, k) or teacher_topk.logits.shape != (n_kd, k) or \
+                teacher_topk.logsumexp.shape != (n_kd,) or teacher_topk.rest_logprob.shape != (n_kd,):
+            raise ValueError(
+                f"teacher_topk holds {tuple(teacher_topk.ids.shape)} ids, {tuple(teacher_topk.logits.shape)} logits, "
+                f"{tuple(teacher_topk.logsumexp.shape)} and {tuple(teacher_topk.rest_logprob.shape)} row values; the "
+                f"mask has {n_kd} positions: one row (k ids and logits, one logsumexp and rest) per position"
+            )
+        if k > student_weight.shape[0]:
+            raise ValueError(f"k={k} top-k classes but the student has only {student_weight.shape[0]} classes")
+        teacher_topk = TopK(*(x.to(device) for x in (teacher_topk.ids, teacher_topk.logits, teacher_topk.logsumexp,
+                                                      teacher_topk.rest_logprob)))
+        topk_row = torch.cumsum(kd_valid.reshape(-1).long(), 0).reshape(lead) - 1  # (...): its row, -1 before any
     settings = (
         index, kd_valid, labels,
         _denominator(normalizer, kd_valid.sum(), device), _denominator(ce_normalizer, ce_valid.sum(), device),
         None if kd_weight is None else float(kd_weight), None if ce_weight is None else float(ce_weight),
         kind, float(temperature), float(jsd_beta), chunk_size, student_dtype, teacher_dtype,
+        teacher_topk if kd_weight is not None else None, topk_row,
     )
-    if teacher_hidden is None:  # CE only: a stand-in teacher that is never read
+    if teacher_hidden is None:  # CE only, or a top-k teacher: a stand-in that is never read
         teacher_hidden, teacher_weight = student_hidden.detach(), student_weight.detach()
     loss, kd, ce = _LinearHeadLoss.apply(
         student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),

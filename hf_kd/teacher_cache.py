@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .chunked import TopK
 from .losses import topk_distillation_loss
 from .tasks import detect_task, logit_row_mask, unwrap
 from .tasks import token_mask as _token_mask
@@ -339,6 +340,13 @@ def cached_logit_loss(batch: dict, student_logits: Tensor, mask: Tensor | None, 
         rows, batch[IDS], batch[LOGITS], batch[LSE], batch[REST],
         kind=args.kd_loss, temperature=args.temperature, jsd_beta=args.jsd_beta, normalizer=normalizer,
     )
+
+
+def cached_topk(batch: dict, mask: Tensor) -> TopK:
+    """This batch's cached teacher rows as a `hf_kd.chunked.TopK`, one per position of ``mask`` (B, T'), in
+    row-major order, after checking that the rows line up (`linear_head_loss` reads them through the head)."""
+    _check_rows(mask.sum(-1), batch[ROWS], "logit rows")
+    return TopK(batch[IDS], batch[LOGITS], batch[LSE], batch[REST])
 
 
 def cached_hidden_states(batch: dict, layers, token_mask: Tensor) -> dict[int, Tensor]:

@@ -921,7 +921,7 @@ class DistillationTrainer(Trainer):
         ce_loss = chunked_cross_entropy_loss if chunk else cross_entropy_loss
         chunking = {"chunk_size": chunk} if chunk else {"class_mask": targets.class_mask}  # token tasks: no class mask
         if heads is not None:  # the logits are never made: the losses start from what enters the heads
-            total = total + self._head_logit_terms(heads, targets, counts, components, temperature, alpha)
+            total = total + self._head_logit_terms(heads, inputs, targets, counts, components, temperature, alpha)
         elif args.uses_teacher_logits and self.teacher is None:
             kd = self._cached_kd_loss(inputs, targets, counts)  # at the cache's temperature (no T schedule)
             components["kd_loss"] = kd
@@ -1058,6 +1058,7 @@ class DistillationTrainer(Trainer):
             # is untested (FSDP and ZeRO-3 even hold them in shards): the full logits are chunked instead.
             return f"the run is distributed ({self._backend.name})"
         models = [("student", student), ("teacher", teacher)][: 2 if self.args.uses_teacher_logits else 1]
+        models = [(name, m) for name, m in models if m is not None]  # teacher_cache: no teacher
         for name, m in models:
             head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
             if type(head) is not nn.Linear:  # an adapter (LoRA) or any other module is not a plain x @ W.T + b
@@ -1076,10 +1077,11 @@ class DistillationTrainer(Trainer):
         batches let each head compute one position only. A teacher whose logits no loss reads (alpha=0) computes
         one position from the first batch on, whatever the chunking.
         """
-        if self.teacher is None or len(self.teachers) != 1:
-            # A teacher cache (top-k targets) or several teachers (a mixture target): the full logits, chunked.
+        cached = self.teacher is None  # teacher_cache: top-k targets read from disk, through the student's head
+        if not cached and len(self.teachers) != 1:
+            # Several teachers (a mixture target): the full logits, chunked.
             return None, None
-        trim = None if self.args.uses_teacher_logits else self._unused_teacher_head()
+        trim = None if cached or self.args.uses_teacher_logits else self._unused_teacher_head()
         if self._head_route is False or self.task not in HEAD_TASKS or not self._logit_chunk_size():
             return None, trim
         student = unwrap(self.accelerator.unwrap_model(model))
@@ -1091,6 +1093,8 @@ class DistillationTrainer(Trainer):
                 return None, trim
         keep = None if self._head_route is None else 1
         s_tap = HeadTap(student.get_output_embeddings(), keep)
+        if cached:
+            return s_tap, None
         t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else trim
         return s_tap, t_tap
 
@@ -1105,8 +1109,8 @@ class DistillationTrainer(Trainer):
         """The taps when the route is on; on the first batch, after checking that they reproduce the logits."""
         if s_tap is None:
             return None
-        if not self.args.uses_teacher_logits:
-            t_tap = None  # the teacher's tap only trims its unused logits
+        if not self.args.uses_teacher_logits or self.teacher is None:
+            t_tap = None  # the teacher's tap only trims its unused logits (with a cache there is no teacher)
         if self._head_route is None:
             ok = s_tap.reproduces(s_out.logits) and (t_tap is None or t_tap.reproduces(t_out.logits))
             self._head_route = ok
@@ -1118,7 +1122,7 @@ class DistillationTrainer(Trainer):
                 return None
         return s_tap, t_tap
 
-    def _head_logit_terms(self, heads, targets: _Targets, counts, components, temperature, alpha) -> torch.Tensor:
+    def _head_logit_terms(self, heads, inputs, targets: _Targets, counts, components, temperature, alpha) -> torch.Tensor:
         """The weighted KD and CE terms from the hidden states entering the heads, chunked (no logits made)."""
         args: DistillationConfig = self.args
         s_tap, t_tap = heads
@@ -1131,8 +1135,15 @@ class DistillationTrainer(Trainer):
         ce_weight = 1 - alpha if labels is not None and alpha < 1 else None
         if kd_weight is None and ce_weight is None:
             return torch.zeros((), device=hs.device)
+        topk = None
+        if kd_weight is not None and self.teacher is None:  # teacher_cache: its rows of this batch, checked
+            from .teacher_cache import cached_topk
+
+            topk = cached_topk(inputs, targets.mask)
+            temperature = args.temperature  # the cache's (temperature schedules are refused with a cache)
         out = linear_head_loss(
             hs, s_tap.head.weight, ht, t_tap.head.weight if t_tap is not None else None, targets.mask, labels,
+            teacher_topk=topk,
             student_bias=s_tap.head.bias, teacher_bias=t_tap.head.bias if t_tap is not None else None,
             kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=temperature,
             jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"],

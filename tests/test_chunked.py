@@ -12,9 +12,11 @@ from hf_kd.chunked import (
     chunked_logit_distillation_loss,
     linear_cross_entropy_loss,
     linear_distillation_loss,
+    TopK,
     linear_head_loss,
 )
-from hf_kd.losses import KD_LOSSES, cross_entropy_loss, logit_distillation_loss
+from hf_kd.losses import KD_LOSSES, cross_entropy_loss, logit_distillation_loss, topk_distillation_loss
+from hf_kd.teacher_cache import teacher_buckets
 
 B, T, D, DT, V = 3, 7, 6, 10, 50  # N = 21 positions; chunk sizes 4 and 5 do not divide it
 
@@ -145,6 +147,56 @@ def test_linear_head_loss_equals_unchunked_value_and_gradients(kind, chunk):
     torch.testing.assert_close(out.ce, ce_ref.detach(), rtol=1e-5, atol=1e-6)
     for a, b, name in zip(g, g_ref, ("hidden", "weight", "bias")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [1, 7, V])
+@pytest.mark.parametrize("temperature, ce_w", [(1.0, 0.4), (1.7, 0.4), (2.0, None)])
+def test_linear_head_loss_from_a_topk_teacher_equals_unchunked(kind, k, temperature, ce_w):
+    """A cached (top-k + rest) teacher through the student's head, chunked (closed form for forward KL), against
+    `topk_distillation_loss` on the full logits: value and gradients. Rows of the distillation term are
+    matched to the stored rows in row-major order, also when CE covers a position the KD mask leaves out."""
+    hs, ht, ws, bs, wt, bt, labels = _data(4)
+    mask = labels != -100
+    mask[1, 3] = False  # a labelled position outside the distillation mask: CE only, no stored row
+    zt = 3 * torch.nn.functional.linear(ht, wt, bt)  # a peaked teacher: the top k hold most of its mass
+    ids, top, lse, rest = teacher_buckets(zt[mask], k, temperature)  # (N, k) ... in row-major order
+    leaves = [x.requires_grad_() for x in (hs, ws, bs)]
+    zs = torch.nn.functional.linear(hs, ws, bs)
+    ref_kd = topk_distillation_loss(zs[mask], ids, top, lse, rest, kind=kind, temperature=temperature,
+                                    jsd_beta=0.3, normalizer=13.0)
+    ref = 0.6 * ref_kd
+    if ce_w is not None:
+        ref_ce = cross_entropy_loss(zs, labels, normalizer=9.0)
+        ref = ref + ce_w * ref_ce
+    g_ref = torch.autograd.grad(ref, leaves)
+    dirty = hs.detach().clone()
+    dirty[0, 5:] = float("nan")  # padding the reference never read
+    leaves = [dirty.requires_grad_(), ws, bs]
+    out = linear_head_loss(
+        dirty, ws, None, None, mask, labels if ce_w is not None else None, student_bias=bs, kd_weight=0.6,
+        ce_weight=ce_w, kind=kind, temperature=temperature, jsd_beta=0.3, normalizer=13.0, ce_normalizer=9.0,
+        chunk_size=4, teacher_topk=TopK(ids, top, lse, rest),
+    )
+    g = torch.autograd.grad(out.loss, leaves)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kd, ref_kd.detach(), rtol=1e-5, atol=1e-6)
+    for a, b, name in zip(g, g_ref, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_linear_head_loss_topk_teacher_is_checked():
+    hs, _, ws, _, _, _, labels = _data(5)
+    mask = labels != -100
+    n = int(mask.sum())
+    good = TopK(torch.zeros(n, 3, dtype=torch.long), torch.zeros(n, 3), torch.zeros(n), torch.zeros(n))
+    short = TopK(good.ids[:-1], good.logits[:-1], good.logsumexp[:-1], good.rest_logprob[:-1])
+    with pytest.raises(ValueError, match="one row"):
+        linear_head_loss(hs, ws, mask=mask, teacher_topk=short)
+    with pytest.raises(ValueError, match="mse"):
+        linear_head_loss(hs, ws, mask=mask, teacher_topk=good, kind="mse")
+    with pytest.raises(ValueError, match="not both"):
+        linear_head_loss(hs, ws, hs, ws, mask=mask, teacher_topk=good)
 
 
 def test_linear_losses_scale_with_grad_output_and_match_alone():

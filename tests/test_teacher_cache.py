@@ -221,6 +221,31 @@ def test_cached_step_equals_live_step_for_causal_lm(tmp_path):
     assert_same_weights(student, live)
 
 
+@pytest.mark.parametrize("k", [8, 64])
+def test_cached_step_through_the_head_equals_the_full_logit_cached_step(tmp_path, k):
+    """logit_chunk_size > 0: the cached loss goes from the hidden states through the student's lm_head, chunk by
+    chunk (closed form), and the student's full logits are never made after the first batch; the weights after
+    two accumulated steps equal those of the unchunked cached loss (full logits, autograd)."""
+    teacher, student = make_llama(layers=3, hidden=16, heads=4, seed=1), make_llama(layers=2, hidden=8, heads=2, seed=2)
+    data = lm_data()
+    path = tmp_path / "cache"
+    tc.cache_teacher_outputs(teacher, data, pad_collator, top_k=k, temperature=2.0, output_dir=path, batch_size=3)
+    full = copy.deepcopy(student)
+    positions = []
+    student.lm_head.register_forward_hook(lambda m, a, out: positions.append(out.shape[-2]))
+    # SGD: Adam would turn rounding-level differences of near-zero gradients into steps of size lr
+    kw = dict(per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2, optim="sgd", learning_rate=1.0)
+    train_one_step(full, None, make_args(tmp_path / "full", teacher_cache=str(path), logit_chunk_size=-1, **kw),
+                   tc.load_cached_dataset(path), pad_collator)
+    trainer = train_one_step(student, None, make_args(tmp_path / "head", teacher_cache=str(path), logit_chunk_size=5,
+                                                      **kw), tc.load_cached_dataset(path), pad_collator)
+    assert trainer._head_route is True
+    assert positions[1:] == [1] * (len(positions) - 1) and positions[0] > 1  # the first batch checks the head once
+    assert_same_weights(student, full, atol=1e-5)
+    assert any(not torch.equal(p, q) for p, q in zip(full.parameters(), make_llama(layers=2, hidden=8, heads=2,
+                                                                                    seed=2).parameters()))
+
+
 def test_small_k_trains_from_the_cache(tmp_path):
     teacher, student = make_llama(layers=3, seed=1), make_llama(layers=2, hidden=8, heads=2, seed=2)
     path = tmp_path / "cache"
