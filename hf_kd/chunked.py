@@ -194,12 +194,40 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optio
     return F.linear(hidden, weight, bias)  # (c, V)
 
 
-def _softmax_lse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax(z) and logsumexp(z) over the last dim of fp32 (c, V) ``z``, with one extra read of ``z``:
-    at the row's largest logit, log softmax = z_max - lse, and that probability is >= 1 / V (no underflow)."""
-    p = torch.softmax(z, dim=-1)  # (c, V)
-    top = z.argmax(-1, keepdim=True)  # (c, 1)
-    return p, (z.gather(-1, top) - p.gather(-1, top).log())[:, 0]  # (c, V), (c,)
+class _Workspace:
+    """fp32 (chunk, V) buffers made once per loss call and reused by every chunk.
+
+    A fresh tensor of that size costs more than the arithmetic done on it (on CPU every allocation of this size
+    maps new pages, which fault on first touch: about 15 ms for 64 MiB against 2 ms for a pass over a reused
+    buffer), so the closed-form chunks write their logits, softmaxes and gradient into these.
+    """
+
+    def __init__(self, rows: int, classes: int, device):
+        self.shape, self.device = (rows, classes), device
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int) -> Tensor:
+        if name not in self._bufs:
+            self._bufs[name] = torch.empty(self.shape, dtype=_F32, device=self.device)
+        return self._bufs[name][:rows]  # (rows, V), contiguous
+
+
+def _head_logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], dtype) -> Tensor:
+    """``h @ weight.T + bias`` (as `_logits`) written into the fp32 buffer ``out`` (c, V)."""
+    if (dtype or weight.dtype) == _F32 and h.dtype == _F32:
+        torch.mm(h, weight.T, out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:  # the matmul in its compute dtype, then the upcast into the buffer
+        out.copy_(_logits(h, weight, bias, dtype))
+    return out
+
+
+def _softmax_into(out: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(z) written into ``out`` and logsumexp(z), fp32 (c, V) and (c,): the row's largest probability is
+    exp(0) / sum exp(z - max) (>= 1 / V, no underflow), so logsumexp = max - log(that probability)."""
+    torch.ops.aten._softmax.out(z, -1, False, out=out)
+    return out, z.amax(-1) - out.amax(-1).log()
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -223,75 +251,79 @@ class TopK:
                     self.rest_logprob[rows].float())
 
 
-def _topk_kl_grad(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: float) -> tuple[Tensor, Tensor]:
-    """Forward KL over the k + 1 buckets of `losses.topk_distillation_loss`, per row, and its gradient with
-    respect to the student's logits at T (``z_t`` = z / T, ``ps`` = softmax(z_t), ``lse_s`` its logsumexp).
+def _topk_kl(z_t: Tensor, lse_s: Tensor, target: TopK, temperature: float, scratch: Tensor):
+    """Forward KL over the k + 1 buckets of `losses.topk_distillation_loss`, per row, and the coefficients of its
+    gradient with respect to the student's logits at T (``z_t`` = z / T, ``lse_s`` its logsumexp).
 
     With q the teacher's bucket probabilities (Q their sum), P the student's mass outside the top k and
-    r = q_rest / P: d KL / d z_v = Q p_v - q_v for a top-k class v, Q p_v - r p_v for any other (the rest
-    bucket's mass spread as the student spreads it). ``ps`` is overwritten with that gradient."""
+    r = q_rest / P: d KL / d z_v = Q p_v - q_v for a top-k class v, (Q - r) p_v for any other (the rest
+    bucket's mass spread as the student spreads it). Returns (per_row (c,), Q - r (c,), Q (c,), q (c, k)).
+    ``scratch`` (c, V) is overwritten."""
     ids = target.ids  # (c, k)
     log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(_F32_MIN)  # (c, k)
     log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
     q, q_rest = log_q.exp(), log_q_rest.exp()
     log_ps_top = (z_t.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
-    # log P: a logsumexp over the classes outside the top k (exact when that mass is tiny)
-    log_p_rest = (torch.logsumexp(z_t.scatter(-1, ids, float("-inf")), dim=-1) - lse_s).clamp_min(_F32_MIN)  # (c,)
+    # log P: a logsumexp over the classes outside the top k, in log space (exact when that mass is tiny)
+    rest = scratch.copy_(z_t).scatter_(-1, ids, float("-inf"))  # (c, V)
+    m = rest.amax(-1)  # (c,); -inf when k = V
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    log_p_rest = (rest.sub_(m[:, None]).exp_().sum(-1).log() + m - lse_s).clamp_min(_F32_MIN)  # (c,)
     per_row = (q * (log_q - log_ps_top)).sum(-1) + q_rest * (log_q_rest - log_p_rest)  # (c,)
     big_q = q.sum(-1) + q_rest  # (c,)
     r = (log_q_rest - log_p_rest).clamp_max(60.0).exp()  # (c,); p_v <= P bounds r * p_v by q_rest
-    ps_top = ps.gather(-1, ids)  # (c, k)
-    g = ps.mul_((big_q - r)[:, None])  # (c, V): every class as if outside the top k ...
-    g.scatter_(-1, ids, ps_top * big_q[:, None] - q)  # ... then the top-k classes
-    return per_row, g
+    return per_row, big_q - r, big_q, q
 
 
-def _kl_ce_chunk(zs, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature):
+def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws):
     """Forward KL and cross entropy of one chunk of rows, and the gradient of their weighted sum with respect
     to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T and d CE / d z =
-    softmax(z) - onehot(label) (each over its denominator). ``target`` is the teacher's logits (c, V) or a
-    `TopK` chunk. The same values and gradients as autograd through `logit_distillation_loss` /
-    `topk_distillation_loss` / `cross_entropy_loss` (tests), with few passes over (c, V) tensors: one softmax
-    per model (shared with CE at T = 1), batched dot products for the KL value."""
-    z = zs.float()  # (c, V)
-    g = None
+    softmax(z) - onehot(label) (each over its denominator). ``z`` is the student's fp32 logits (c, V), ``target``
+    the teacher's fp32 logits (c, V) or a `TopK` chunk, both in buffers of the workspace ``ws`` (they are
+    overwritten). The same values and gradients as autograd through `logit_distillation_loss` /
+    `topk_distillation_loss` / `cross_entropy_loss` (tests), with few passes over (c, V) tensors and no new ones:
+    one softmax per model (shared with CE at T = 1), batched dot products for the KL value.
+    Returns (gradient (c, V) in a workspace buffer, kd, ce)."""
+    c = z.shape[0]
     kd = torch.zeros((), dtype=_F32, device=z.device)
     ce = torch.zeros((), dtype=_F32, device=z.device)
-    ps = lse_s = None
-    if kd_weight is not None:
-        z_t = z / temperature if temperature != 1.0 else z  # (c, V)
-        ps, lse_s = _softmax_lse(z_t)  # (c, V), (c,)
-        denom = kd_denom.clamp_min(1.0)
-        scale = torch.where(kd_valid, kd_weight / (temperature * denom), 0.0)[:, None]  # (c, 1)
-        if isinstance(target, TopK):
-            ps_keep = ps.clone() if (ce_weight is not None and temperature == 1.0) else None
-            per_row, g = _topk_kl_grad(z_t, ps, lse_s, target, temperature)
-            g.mul_(scale)
-            ps = ps_keep
-        else:
-            zt = target.float()
-            zt = zt / temperature if temperature != 1.0 else zt
-            pt, lse_t = _softmax_lse(zt)
-            # KL = sum p_t (z_t - z_s) / T - lse_t + lse_s (sum p_t = 1); z_t - z_s in a fresh tensor.
-            per_row = _rowdot(pt, zt - z_t) - lse_t + lse_s  # (c,)
-            g = ps * scale  # (c, V)
-            g.addcmul_(pt, scale, value=-1.0)  # (p_s - p_t) / T over the denominator
-            del pt, zt
-        kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
+    ce_valid = labels != -100  # (c,)
+    ce_scale = None
     if ce_weight is not None:
-        ce_valid = labels != -100  # (c,)
-        if ps is None or temperature != 1.0:
-            ps, lse_s = _softmax_lse(z)
-        target_ids = torch.where(ce_valid, labels, 0)[:, None]  # (c, 1)
-        denom = ce_denom.clamp_min(1.0)
-        ce = torch.where(ce_valid, lse_s - z.gather(-1, target_ids)[:, 0], 0.0).sum() / denom
-        scale = torch.where(ce_valid, ce_weight / denom, 0.0)[:, None]  # (c, 1)
-        if g is None:
-            g = ps.mul_(scale)
-        else:
-            g.addcmul_(ps, scale)
-        g.scatter_add_(-1, target_ids, -scale)  # softmax - onehot
-    return g.to(zs.dtype), kd, ce
+        ce_ids = torch.where(ce_valid, labels, 0)[:, None]  # (c, 1)
+        ce_scale = torch.where(ce_valid, ce_weight / ce_denom.clamp_min(1.0), 0.0)[:, None]  # (c, 1)
+    if kd_weight is None:  # CE alone
+        p, lse = _softmax_into(ws.get("ps", c), z)
+        ce = torch.where(ce_valid, lse - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+        g = p.mul_(ce_scale)
+        return g.scatter_add_(-1, ce_ids, -ce_scale), kd, ce
+
+    z_t = torch.div(z, temperature, out=ws.get("zT", c)) if temperature != 1.0 else z  # (c, V)
+    ps, lse_s = _softmax_into(ws.get("ps", c), z_t)  # (c, V), (c,)
+    denom = kd_denom.clamp_min(1.0)
+    kd_scale = torch.where(kd_valid, kd_weight / (temperature * denom), 0.0)[:, None]  # (c, 1)
+    shared = ce_weight is not None and temperature == 1.0  # CE reads the same softmax
+    if shared:
+        ce = torch.where(ce_valid, lse_s - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+    if isinstance(target, TopK):
+        per_row, coef, big_q, q = _topk_kl(z_t, lse_s, target, temperature, ws.get("scratch", c))
+        ps_top = ps.gather(-1, target.ids)  # (c, k)
+        g = ps.mul_(coef[:, None] * kd_scale + (ce_scale if shared else 0.0))  # every class as if outside the top k
+        g.scatter_(-1, target.ids, (ps_top * big_q[:, None] - q) * kd_scale + (ps_top * ce_scale if shared else 0.0))
+    else:
+        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
+        pt, lse_t = _softmax_into(ws.get("pt", c), zt)
+        # KL = sum p_t (z_t - z_s) / T - lse_t + lse_s (sum p_t = 1)
+        per_row = _rowdot(pt, zt.sub_(z_t)) - lse_t + lse_s  # (c,)
+        g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
+    kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
+    if ce_weight is not None and not shared:  # CE at T = 1 beside a KD term at T != 1: its own softmax
+        p, lse = _softmax_into(ws.get("pt", c), z)
+        ce = torch.where(ce_valid, lse - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+        g.addcmul_(p, ce_scale)
+    if ce_weight is not None:
+        g.scatter_add_(-1, ce_ids, -ce_scale)  # - onehot(label)
+    return g, kd, ce
 
 
 class _LinearHeadLoss(torch.autograd.Function):
@@ -312,30 +344,41 @@ class _LinearHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=_F32, device=device) if b is not None and needs[2] else None
         kd_sum = torch.zeros((), dtype=_F32, device=device)
         ce_sum = torch.zeros((), dtype=_F32, device=device)
+        ws = None  # the closed form's (chunk, V) buffers, made at the first chunk
         for start in range(0, n, chunk_size):
             rows = _take(index, start, start + chunk_size)
             if kd_weight is None:
                 zt = None
             elif topk is not None:  # this chunk's rows of the stored top-k teacher (rows without one: any row)
                 zt = topk.take(topk_row[rows].clamp_min(0))
-            else:
+            elif kind != "forward_kl":
                 with torch.no_grad():
                     zt = _logits(t_hidden[rows], tw, tb, t_dtype)  # (c, V)
             if kind == "forward_kl" or kd_weight is None:  # closed-form gradient: no autograd graph per chunk
                 with torch.no_grad():
+                    if ws is None:
+                        ws = _Workspace(min(chunk_size, n), w.shape[0], device)
                     h = s_hidden[rows]  # (c, D)
-                    zs = _logits(h, w, b, s_dtype)  # (c, V)
-                    g, kd, ce = _kl_ce_chunk(zs, zt, kd_valid[rows], labels[rows], kd_denom, ce_denom,
-                                             kd_weight, ce_weight, temperature)  # (c, V) in zs's dtype
+                    c = h.shape[0]
+                    z = _head_logits_into(ws.get("z", c), h, w, b, s_dtype)  # (c, V) fp32
+                    if kd_weight is not None and topk is None:
+                        zt = _head_logits_into(ws.get("zt", c), t_hidden[rows], tw, tb, t_dtype)
+                    g, kd, ce = _kl_ce_chunk(z, zt, kd_valid[rows], labels[rows], kd_denom, ce_denom,
+                                             kd_weight, ce_weight, temperature, ws)  # (c, V) fp32
                     kd_sum += kd
                     ce_sum += ce
+                    if g.dtype != w.dtype:  # the backward matmuls in the head's compute dtype, as autograd's
+                        g = g.to(w.dtype)
                     if needs[0]:
-                        grad_h[rows] = (g @ w.to(g.dtype)).to(grad_h.dtype)  # (c, D)
+                        grad_h[rows] = (g @ w).to(grad_h.dtype)  # (c, D)
                     if needs[1]:
-                        grad_w += (g.T @ h.to(g.dtype)).float()  # (V, D)
+                        if w.dtype == _F32:
+                            grad_w.addmm_(g.T, h.to(_F32))  # (V, D), in place
+                        else:
+                            grad_w += (g.T @ h.to(g.dtype)).float()
                     if grad_b is not None:
                         grad_b += g.sum(0).float()
-                del zs, zt, g
+                del z, zt, g
                 continue
             with torch.enable_grad():
                 h = s_hidden[rows].detach().requires_grad_(needs[0])  # (c, D)

@@ -37,12 +37,18 @@ def test_presets_meet_the_issue_sizes():
     """>= 32k vocabulary, >= 4k tokens a batch, and a teacher with >= 4x the student's parameters (the
     size at which the cached teacher must pay off). Built on the meta device: no memory, no time."""
     bench = _bench()
-    for name in ("cpu", "gpu"):
+    for name in ("cpu", "cpu_deep", "gpu"):
         p = bench.PRESETS[name]
         assert p["vocab"] >= 32_000 and p["batch"] * p["length"] >= 4096
         teacher, student = bench.build_models(p, "meta")
         assert teacher.config.vocab_size == student.config.vocab_size == p["vocab"]
         assert bench.n_params(teacher) >= 4 * bench.n_params(student), name
+    # cpu_deep: the same student as cpu, a deeper teacher (over a third of its parameters in its layers)
+    assert {k: v for k, v in bench.PRESETS["cpu_deep"].items() if k.startswith("s_")} == \
+        {k: v for k, v in bench.PRESETS["cpu"].items() if k.startswith("s_")}
+    teacher, _ = bench.build_models(bench.PRESETS["cpu_deep"], "meta")
+    vocab_params = teacher.model.embed_tokens.weight.numel() + teacher.lm_head.weight.numel()
+    assert bench.n_params(teacher) - vocab_params > 0.35 * bench.n_params(teacher)
 
 
 def test_trl_gkd_with_beta_0_is_the_same_divergence():
