@@ -251,9 +251,10 @@ class TopK:
                     self.rest_logprob[rows].float())
 
 
-def _topk_kl(z_t: Tensor, lse_s: Tensor, target: TopK, temperature: float, scratch: Tensor):
+def _topk_kl(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: float, scratch: Tensor):
     """Forward KL over the k + 1 buckets of `losses.topk_distillation_loss`, per row, and the coefficients of its
-    gradient with respect to the student's logits at T (``z_t`` = z / T, ``lse_s`` its logsumexp).
+    gradient with respect to the student's logits at T (``z_t`` = z / T, ``ps`` its softmax, ``lse_s`` its
+    logsumexp).
 
     With q the teacher's bucket probabilities (Q their sum), P the student's mass outside the top k and
     r = q_rest / P: d KL / d z_v = Q p_v - q_v for a top-k class v, (Q - r) p_v for any other (the rest
@@ -264,15 +265,29 @@ def _topk_kl(z_t: Tensor, lse_s: Tensor, target: TopK, temperature: float, scrat
     log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
     q, q_rest = log_q.exp(), log_q_rest.exp()
     log_ps_top = (z_t.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
-    # log P: a logsumexp over the classes outside the top k, in log space (exact when that mass is tiny)
-    rest = scratch.copy_(z_t).scatter_(-1, ids, float("-inf"))  # (c, V)
-    m = rest.amax(-1)  # (c,); -inf when k = V
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    log_p_rest = (rest.sub_(m[:, None]).exp_().sum(-1).log() + m - lse_s).clamp_min(_F32_MIN)  # (c,)
+    # P, the student's mass outside the top k: the sum of those probabilities (the top k zeroed for one read,
+    # then put back). Where it underflows (< 1e-30), a logsumexp over those classes in log space instead.
+    ps_top = ps.gather(-1, ids)  # (c, k)
+    p_rest = ps.scatter_(-1, ids, 0.0).sum(-1)  # (c,)
+    ps.scatter_(-1, ids, ps_top)
+    log_p_rest = p_rest.log()
+    tiny = (p_rest < 1e-30).nonzero()[:, 0]  # rows; none in practice but for k = V (no class left: P = 0)
+    fix = None
+    if tiny.numel():
+        rest = scratch[: tiny.numel()].copy_(z_t[tiny]).scatter_(-1, ids[tiny], float("-inf"))  # (t, V)
+        m = rest.amax(-1)  # (t,); -inf when k = V
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        mass = rest.sub_(m[:, None]).exp_().sum(-1)  # (t,)
+        log_p_rest[tiny] = mass.log() + m - lse_s[tiny]
+        # the rest bucket's gradient p_v / P over the classes outside the top k, from log space (p_v underflows)
+        fix = (tiny, rest.div_(mass.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), q_rest[tiny])
+    log_p_rest = log_p_rest.clamp_min(_F32_MIN)  # (c,)
     per_row = (q * (log_q - log_ps_top)).sum(-1) + q_rest * (log_q_rest - log_p_rest)  # (c,)
     big_q = q.sum(-1) + q_rest  # (c,)
     r = (log_q_rest - log_p_rest).clamp_max(60.0).exp()  # (c,); p_v <= P bounds r * p_v by q_rest
-    return per_row, big_q - r, big_q, q
+    if fix is not None:
+        r[fix[0]] = 0.0  # those rows' rest term is added from `fix` (rows, p_v / P (t, V), q_rest)
+    return per_row, big_q - r, big_q, q, fix
 
 
 def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws):
@@ -306,9 +321,12 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
     if shared:
         ce = torch.where(ce_valid, lse_s - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
     if isinstance(target, TopK):
-        per_row, coef, big_q, q = _topk_kl(z_t, lse_s, target, temperature, ws.get("scratch", c))
+        per_row, coef, big_q, q, fix = _topk_kl(z_t, ps, lse_s, target, temperature, ws.get("scratch", c))
         ps_top = ps.gather(-1, target.ids)  # (c, k)
         g = ps.mul_(coef[:, None] * kd_scale + (ce_scale if shared else 0.0))  # every class as if outside the top k
+        if fix is not None:  # rows whose rest mass underflowed: - q_rest p_v / P from log space
+            rows, cond, q_rest = fix
+            g[rows] -= cond * (q_rest[:, None] * kd_scale[rows])
         g.scatter_(-1, target.ids, (ps_top * big_q[:, None] - q) * kd_scale + (ps_top * ce_scale if shared else 0.0))
     else:
         zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)

@@ -185,6 +185,28 @@ def test_linear_head_loss_from_a_topk_teacher_equals_unchunked(kind, k, temperat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_linear_head_loss_topk_when_the_students_rest_mass_underflows():
+    """A student that puts (almost) nothing outside the teacher's top k while the teacher does: the rest
+    bucket's log-mass must come from log space (a sum of probabilities would underflow to 0 and blow up)."""
+    n, v, k = 3, 20, 4
+    z = torch.full((n, v), -110.0)
+    z[:, :k] = torch.tensor([0.0, -1.0, -2.0, -3.0])
+    z[1, 5] = -20.0  # one row with a small but representable rest mass
+    zt = torch.randn(n, v, generator=torch.Generator().manual_seed(0))
+    zt[:, :k] += 3.0  # the teacher's top k are the same classes, with mass left outside them
+    ids, top, lse, rest = teacher_buckets(zt, k, 1.0)
+    eye = torch.eye(v)  # hidden = logits: the head is the identity
+    hidden = z.clone().requires_grad_()
+    ref = topk_distillation_loss(hidden @ eye.T, ids, top, lse, rest)
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    hidden2 = z.clone().requires_grad_()
+    out = linear_head_loss(hidden2, eye, None, None, teacher_topk=TopK(ids, top, lse, rest), chunk_size=2)
+    (g,) = torch.autograd.grad(out.loss, hidden2)
+    assert torch.isfinite(out.loss) and out.loss > 1.0  # the teacher's rest mass is far from the student's
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_linear_head_loss_topk_teacher_is_checked():
     hs, _, ws, _, _, _, labels = _data(5)
     mask = labels != -100
