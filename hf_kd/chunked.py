@@ -238,7 +238,7 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 @dataclass
 class TopK:
     """A teacher stored as its top-k classes plus one "rest" bucket (`hf_kd.teacher_cache`), one row per valid
-    position: ``ids`` (N, k), ``logits`` (N, k) raw teacher logits, ``logsumexp`` (N,) = logsumexp(z_t / T)
+    position: ``ids`` (N, k), ``logits`` (N, k) raw teacher logits, ``logsumexp`` (N,) = logsumexp(z_teacher / T)
     over all classes, ``rest_logprob`` (N,) = log of the teacher's mass outside the top k at T."""
 
     ids: Tensor
@@ -251,9 +251,9 @@ class TopK:
                     self.rest_logprob[rows].float())
 
 
-def _topk_kl(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: float, scratch: Tensor):
+def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: float, scratch: Tensor):
     """Forward KL over the k + 1 buckets of `losses.topk_distillation_loss`, per row, and the coefficients of its
-    gradient with respect to the student's logits at T (``z_t`` = z / T, ``ps`` its softmax, ``lse_s`` its
+    gradient with respect to the student's logits at T (``zs_T`` = z / T, ``ps`` its softmax, ``lse_s`` its
     logsumexp).
 
     With q the teacher's bucket probabilities (Q their sum), P the student's mass outside the top k and
@@ -264,7 +264,7 @@ def _topk_kl(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: 
     log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(_F32_MIN)  # (c, k)
     log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
     q, q_rest = log_q.exp(), log_q_rest.exp()
-    log_ps_top = (z_t.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
+    log_ps_top = (zs_T.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
     # P, the student's mass outside the top k: the sum of those probabilities (the top k zeroed for one read,
     # then put back). Where it underflows (< 1e-30), a logsumexp over those classes in log space instead.
     ps_top = ps.gather(-1, ids)  # (c, k)
@@ -274,7 +274,7 @@ def _topk_kl(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: 
     tiny = (p_rest < 1e-30).nonzero()[:, 0]  # rows; none in practice but for k = V (no class left: P = 0)
     fix = None
     if tiny.numel():
-        rest = scratch[: tiny.numel()].copy_(z_t[tiny]).scatter_(-1, ids[tiny], float("-inf"))  # (t, V)
+        rest = scratch[: tiny.numel()].copy_(zs_T[tiny]).scatter_(-1, ids[tiny], float("-inf"))  # (t, V)
         m = rest.amax(-1)  # (t,); -inf when k = V
         m = torch.where(torch.isfinite(m), m, 0.0)
         mass = rest.sub_(m[:, None]).exp_().sum(-1)  # (t,)
@@ -288,6 +288,11 @@ def _topk_kl(z_t: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature: 
     if fix is not None:
         r[fix[0]] = 0.0  # those rows' rest term is added from `fix` (rows, p_v / P (t, V), q_rest)
     return per_row, big_q - r, big_q, q, fix
+
+
+def _ce_value(z: Tensor, lse: Tensor, ids: Tensor, valid: Tensor, denom: Tensor) -> Tensor:
+    """Cross entropy of a chunk's labelled rows over the call's denominator: -log softmax(z)[y] = lse - z[y]."""
+    return torch.where(valid, lse - z.gather(-1, ids)[:, 0], 0.0).sum() / denom.clamp_min(1.0)
 
 
 def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws):
@@ -309,19 +314,19 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         ce_scale = torch.where(ce_valid, ce_weight / ce_denom.clamp_min(1.0), 0.0)[:, None]  # (c, 1)
     if kd_weight is None:  # CE alone
         p, lse = _softmax_into(ws.get("ps", c), z)
-        ce = torch.where(ce_valid, lse - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+        ce = _ce_value(z, lse, ce_ids, ce_valid, ce_denom)
         g = p.mul_(ce_scale)
         return g.scatter_add_(-1, ce_ids, -ce_scale), kd, ce
 
-    z_t = torch.div(z, temperature, out=ws.get("zT", c)) if temperature != 1.0 else z  # (c, V)
-    ps, lse_s = _softmax_into(ws.get("ps", c), z_t)  # (c, V), (c,)
+    zs_T = torch.div(z, temperature, out=ws.get("zT", c)) if temperature != 1.0 else z  # (c, V)
+    ps, lse_s = _softmax_into(ws.get("ps", c), zs_T)  # (c, V), (c,)
     denom = kd_denom.clamp_min(1.0)
     kd_scale = torch.where(kd_valid, kd_weight / (temperature * denom), 0.0)[:, None]  # (c, 1)
     shared = ce_weight is not None and temperature == 1.0  # CE reads the same softmax
     if shared:
-        ce = torch.where(ce_valid, lse_s - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+        ce = _ce_value(z, lse_s, ce_ids, ce_valid, ce_denom)
     if isinstance(target, TopK):
-        per_row, coef, big_q, q, fix = _topk_kl(z_t, ps, lse_s, target, temperature, ws.get("scratch", c))
+        per_row, coef, big_q, q, fix = _topk_kl(zs_T, ps, lse_s, target, temperature, ws.get("scratch", c))
         ps_top = ps.gather(-1, target.ids)  # (c, k)
         g = ps.mul_(coef[:, None] * kd_scale + (ce_scale if shared else 0.0))  # every class as if outside the top k
         if fix is not None:  # rows whose rest mass underflowed: - q_rest p_v / P from log space
@@ -331,13 +336,13 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
     else:
         zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         pt, lse_t = _softmax_into(ws.get("pt", c), zt)
-        # KL = sum p_t (z_t - z_s) / T - lse_t + lse_s (sum p_t = 1)
-        per_row = _rowdot(pt, zt.sub_(z_t)) - lse_t + lse_s  # (c,)
+        # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
+        per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)
         g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
     kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
     if ce_weight is not None and not shared:  # CE at T = 1 beside a KD term at T != 1: its own softmax
         p, lse = _softmax_into(ws.get("pt", c), z)
-        ce = torch.where(ce_valid, lse - z.gather(-1, ce_ids)[:, 0], 0.0).sum() / ce_denom.clamp_min(1.0)
+        ce = _ce_value(z, lse, ce_ids, ce_valid, ce_denom)
         g.addcmul_(p, ce_scale)
     if ce_weight is not None:
         g.scatter_add_(-1, ce_ids, -ce_scale)  # - onehot(label)
