@@ -53,7 +53,7 @@ __all__ = [
 
 #: Rows per chunk when none is given: 1024 x a 128k vocabulary is 0.5 GB per fp32 tensor.
 DEFAULT_CHUNK_SIZE = 1024
-#: `auto_chunk_size` keeps one fp32 (chunk, V) tensor near 64 MiB (a chunk's loss and gradient hold about a dozen).
+#: `auto_chunk_size` keeps one fp32 (chunk, V) tensor near 64 MiB (the closed form reuses a handful of them).
 AUTO_CHUNK_ELEMENTS = 1 << 24
 _F32 = torch.float32
 _F32_MIN = torch.finfo(torch.float32).min
@@ -258,8 +258,10 @@ def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature:
 
     With q the teacher's bucket probabilities (Q their sum), P the student's mass outside the top k and
     r = q_rest / P: d KL / d z_v = Q p_v - q_v for a top-k class v, (Q - r) p_v for any other (the rest
-    bucket's mass spread as the student spreads it). Returns (per_row (c,), Q - r (c,), Q (c,), q (c, k)).
-    ``scratch`` (c, V) is overwritten."""
+    bucket's mass spread as the student spreads it). Returns per_row (c,), Q - r (c,), Q (c,), q (c, k), the
+    student's top-k probabilities (c, k) and, for rows whose rest mass underflowed (r is 0 there), their
+    (rows, p_v / P (t, V), q_rest) from log space, else None. ``ps`` is left as it was; ``scratch`` (c, V) is
+    overwritten."""
     ids = target.ids  # (c, k)
     log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(_F32_MIN)  # (c, k)
     log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
@@ -287,7 +289,7 @@ def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature:
     r = (log_q_rest - log_p_rest).clamp_max(60.0).exp()  # (c,); p_v <= P bounds r * p_v by q_rest
     if fix is not None:
         r[fix[0]] = 0.0  # those rows' rest term is added from `fix` (rows, p_v / P (t, V), q_rest)
-    return per_row, big_q - r, big_q, q, fix
+    return per_row, big_q - r, big_q, q, ps_top, fix
 
 
 def _ce_value(z: Tensor, lse: Tensor, ids: Tensor, valid: Tensor, denom: Tensor) -> Tensor:
@@ -326,8 +328,7 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
     if shared:
         ce = _ce_value(z, lse_s, ce_ids, ce_valid, ce_denom)
     if isinstance(target, TopK):
-        per_row, coef, big_q, q, fix = _topk_kl(zs_T, ps, lse_s, target, temperature, ws.get("scratch", c))
-        ps_top = ps.gather(-1, target.ids)  # (c, k)
+        per_row, coef, big_q, q, ps_top, fix = _topk_kl(zs_T, ps, lse_s, target, temperature, ws.get("scratch", c))
         g = ps.mul_(coef[:, None] * kd_scale + (ce_scale if shared else 0.0))  # every class as if outside the top k
         if fix is not None:  # rows whose rest mass underflowed: - q_rest p_v / P from log space
             rows, cond, q_rest = fix

@@ -1109,8 +1109,8 @@ class DistillationTrainer(Trainer):
         """The taps when the route is on; on the first batch, after checking that they reproduce the logits."""
         if s_tap is None:
             return None
-        if not self.args.uses_teacher_logits or self.teacher is None:
-            t_tap = None  # the teacher's tap only trims its unused logits (with a cache there is no teacher)
+        if not self.args.uses_teacher_logits:
+            t_tap = None  # the teacher's tap only trims its unused logits (with a cache `_head_taps` gives none)
         if self._head_route is None:
             ok = s_tap.reproduces(s_out.logits) and (t_tap is None or t_tap.reproduces(t_out.logits))
             self._head_route = ok
