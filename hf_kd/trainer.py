@@ -1049,7 +1049,7 @@ class DistillationTrainer(Trainer):
             return size
         config = unwrap(self.accelerator.unwrap_model(self.model)).config
         classes = config.num_labels if self.task == "token_classification" else config.get_text_config().vocab_size
-        return auto_chunk_size(classes) if classes >= AUTO_CHUNK_MIN_VOCAB else 0
+        return auto_chunk_size(classes, self.args.device) if classes >= AUTO_CHUNK_MIN_VOCAB else 0
 
     def _head_route_problem(self, student, teacher) -> str | None:
         """Why the logit losses cannot start from the heads' inputs, or None."""
@@ -1381,7 +1381,8 @@ class DistillationTrainer(Trainer):
                 "hub_strategy='every_save' or 'end', and resume from the local checkpoints."
             )
         try:
-            super().init_hf_repo(token=token, private=private)
+            # `private` only when given: Trainer before transformers 5.2x takes no such argument
+            super().init_hf_repo(token=token, **({} if private is None else {"private": private}))
         except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear message
             reason, hint = hub.failure_reason(err)
             repo = self.args.hub_model_id or "NAME"

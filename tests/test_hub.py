@@ -434,3 +434,18 @@ def test_a_peft_student_publishes_its_adapter_with_a_peft_card(tmp_path):
         CARD_NAME, "adapter_config.json", "adapter_model.safetensors", PROVENANCE_NAME]
     card = ModelCard.load(tmp_path / "out" / CARD_NAME)
     assert card.data.library_name == "peft" and "Python API" in card.text  # no CLI command: the API note
+
+
+def test_repo_creation_works_with_a_trainer_whose_init_hf_repo_takes_no_private(tmp_path, tokenizer, monkeypatch):
+    """Trainer.init_hf_repo of transformers 5.17 takes (token) alone; the override passes `private` only when given."""
+    import transformers
+
+    hub = RecordingApi(monkeypatch)
+    original = transformers.Trainer.init_hf_repo
+
+    def older(self, token=None):  # the signature before `private` was added
+        return original(self, token=token)
+
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", older)
+    make_trainer(tmp_path / "out", tokenizer, sentiment_data(tokenizer, n=8), push_to_hub=True, hub_model_id="me/student")
+    assert hub.repos == ["me/student"]
