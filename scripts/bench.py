@@ -1,7 +1,7 @@
 """hf_kd against its peers on the same work, side by side in one run: step time and peak memory.
 
     python scripts/bench.py                 # CPU default (32k vocabulary, 8 x 512 = 4,096 tokens a batch)
-    python scripts/bench.py --preset gpu    # a larger pair on a CUDA device
+    python scripts/bench.py --preset gpu    # a larger pair on a CUDA device (its default there), in bf16
     python scripts/bench.py --steps 1 --reps 2 --skip trl   # quicker; any section can be skipped
 
 Every variant trains the same student (same initial weights, AdamW, same batch) against the same teacher
@@ -27,6 +27,10 @@ On CPU, live vs cached is timed again on `--deep_preset` (default cpu_deep): the
 its parameters in the embeddings and lm_head, so its forward costs less than the student's own training
 step through a head of the same vocabulary; cpu_deep's 12-layer teacher (6x the same student) spends most
 of its forward time in its layers, as real language models do.
+
+On CUDA every variant runs as `bf16=True` trains (`--precision bf16`, the default there): the teacher's weights
+in bf16, the student's forward in bf16 autocast over fp32 master weights; hf_kd with `teacher_dtype: bfloat16`.
+`--chunk_size N` times hf_kd with chunks of N positions instead of its automatic size.
 
 Peak memory is measured in a fresh subprocess per variant: on CPU the peak resident set size of the step
 (Linux resets the high-water mark through /proc/self/clear_refs, read back as VmHWM), on CUDA
@@ -74,7 +78,7 @@ VARIANTS = ("plain", "hf_kd", "trl", "limit", "cached")
 
 
 # --------------------------------------------------------------------------- models and data
-def build_models(p: dict, device: str, seed: int = 0):
+def build_models(p: dict, device: str, precision: str = "fp32", seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def config(hidden, layers, heads):
@@ -90,7 +94,16 @@ def build_models(p: dict, device: str, seed: int = 0):
         teacher.requires_grad_(False)
         torch.manual_seed(seed + 1)
         student = LlamaForCausalLM(config(p["s_hidden"], p["s_layers"], p["s_heads"]))
+    if precision == "bf16":
+        teacher.to(torch.bfloat16)
     return teacher, student
+
+
+def mixed(student, precision: str, device: str):
+    """bf16: the student's forward in autocast (fp32 master weights), as accelerate wraps it under `bf16=True`."""
+    if precision == "bf16":
+        student.forward = torch.autocast(device_type=device, dtype=torch.bfloat16)(student.forward)
+    return student
 
 
 def make_batch(p: dict, device: str, seed: int = 0) -> dict:
@@ -157,11 +170,13 @@ class TrainerRunner(Runner):
         return loss.item()
 
 
-def hf_kd_runner(teacher, student, lr, out, cache=None, **extra):
+def hf_kd_runner(teacher, student, lr, out, cache=None, precision="fp32", **extra):
     from hf_kd import DistillationConfig, DistillationTrainer
 
     names = {f.name for f in fields(DistillationConfig)}
     options = dict(kd_loss="forward_kl", temperature=1.0, alpha=1.0, **extra)
+    if precision == "bf16":
+        options.update(bf16=True, teacher_dtype="bfloat16")
     if cache is not None:
         options["teacher_cache"] = cache.cache_folder
     args = DistillationConfig(
@@ -178,7 +193,7 @@ def hf_kd_runner(teacher, student, lr, out, cache=None, **extra):
     return runner
 
 
-def trl_runner(teacher, student, lr, out):
+def trl_runner(teacher, student, lr, out, precision="fp32"):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -189,7 +204,7 @@ def trl_runner(teacher, student, lr, out):
     args = GKDConfig(
         output_dir=out, learning_rate=lr, per_device_train_batch_size=1, report_to="none", save_strategy="no",
         lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, use_cpu=not torch.cuda.is_available(),
-        disable_dropout=True,
+        disable_dropout=True, bf16=precision == "bf16",
     )
     dummy = Dataset.from_dict({"input_ids": [[1, 2]], "attention_mask": [[1, 1]], "labels": [[1, 2]]})
     with _quiet():
@@ -262,22 +277,24 @@ def build_cache(teacher, batch, top_k, out):
 
 # --------------------------------------------------------------------------- timing
 def make_runner(name, teacher, student0, p, args, tmp, cache):
-    student = copy.deepcopy(student0)
+    student = mixed(copy.deepcopy(student0), args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     if name == "plain":
         return Plain(teacher, student, args.lr)
     if name == "limit":
         return Limit(teacher, student, args.lr)
     if name == "hf_kd":
-        return hf_kd_runner(teacher, student, args.lr, f"{tmp}/hf_kd")
+        return hf_kd_runner(teacher, student, args.lr, f"{tmp}/hf_kd", precision=args.precision,
+                            logit_chunk_size=args.chunk_size)
     if name == "trl":
-        return trl_runner(teacher, student, args.lr, f"{tmp}/trl")
+        return trl_runner(teacher, student, args.lr, f"{tmp}/trl", precision=args.precision)
     if name == "cached":
-        return hf_kd_runner(teacher, student, args.lr, f"{tmp}/cached", cache=cache)
+        return hf_kd_runner(teacher, student, args.lr, f"{tmp}/cached", cache=cache, precision=args.precision,
+                            logit_chunk_size=args.chunk_size)
     raise ValueError(name)
 
 
 def time_variants(names, p, args, device) -> dict:
-    teacher, student0 = build_models(p, device)
+    teacher, student0 = build_models(p, device, args.precision)
     batch = make_batch(p, device)
     times: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,30 +351,33 @@ def _peak(device) -> float:
     return _rss_mib("VmHWM")
 
 
-def memory_case(case: str, preset: str, device: str) -> float:
+def memory_case(case: str, p: dict, device: str, precision: str = "fp32", chunk_size: int = 0) -> float:
     """Peak MiB above the memory in use just before the measured work (run in a fresh process)."""
-    p = PRESETS[preset]
-    teacher, student = build_models(p, device)
+    teacher, student = build_models(p, device, precision)
     batch = make_batch(p, device)
-    args = argparse.Namespace(lr=1e-4, top_k=64)
+    args = argparse.Namespace(lr=1e-4, top_k=64, precision=precision, chunk_size=chunk_size)
+    half = torch.bfloat16 if precision == "bf16" else None
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=half is not None)
     with tempfile.TemporaryDirectory() as tmp:
         if case.startswith("loss:"):
             kind = case.split(":", 1)[1]
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
                 hs = student.model(**inputs).last_hidden_state.detach()
                 ht = teacher.model(**inputs).last_hidden_state
             ws, wt = student.lm_head.weight, teacher.lm_head.weight
             hs.requires_grad_(True)
             mask = batch["labels"][:, 1:] != -100
-            before = _reset_peak(device)
-            if kind == "plain":
-                loss = plain_kl(hs @ ws.T, ht @ wt.T, batch["labels"])
-            else:  # what hf_kd's trainer calls for this pair (the route through the heads, auto chunk size)
-                from hf_kd.chunked import auto_chunk_size, linear_distillation_loss
+            from hf_kd.chunked import auto_chunk_size, linear_head_loss  # imported outside the measured region
 
-                loss = linear_distillation_loss(hs[:, :-1], ws, ht[:, :-1], wt, mask, kind="forward_kl",
-                                                temperature=1.0, chunk_size=auto_chunk_size(p["vocab"]))
+            before = _reset_peak(device)
+            if kind == "plain":  # under bf16 the tutorial's matmuls run in autocast, its softmaxes in fp32
+                with autocast:
+                    loss = plain_kl(hs @ ws.T, ht @ wt.T, batch["labels"])
+            else:  # what hf_kd's trainer calls for this pair (the route through the heads, auto chunk size)
+                loss = linear_head_loss(hs[:, :-1], ws, ht[:, :-1], wt, mask, kind="forward_kl", temperature=1.0,
+                                        chunk_size=chunk_size or auto_chunk_size(p["vocab"], device),
+                                        student_dtype=half).loss
             loss.backward()
             return _peak(device) - before
         cache = build_cache(teacher, batch, args.top_k, f"{tmp}/cache") if case == "cached" else None
@@ -369,10 +389,11 @@ def memory_case(case: str, preset: str, device: str) -> float:
         return _peak(device) - before
 
 
-def measure_memory(cases, preset, device) -> dict:
+def measure_memory(cases, args) -> dict:
     out = {}
     for case in cases:
-        cmd = [sys.executable, __file__, "--_memory_case", case, "--preset", preset]
+        cmd = [sys.executable, __file__, "--_memory_case", case, "--preset", args.preset, "--precision", args.precision,
+               "--chunk_size", str(args.chunk_size)] + (["--batch", str(args.batch)] if args.batch else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("MEMORY ")]
         if proc.returncode or not lines:
@@ -397,26 +418,34 @@ def main() -> int:
     parser.add_argument("--memory_all", action="store_true", help="also the peak memory of the trl and cached steps")
     parser.add_argument("--deep_preset", default=None if torch.cuda.is_available() else "cpu_deep",
                         help="also time live vs cached teacher on this pair (a teacher heavy in its layers); 'none' skips")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32",
+                        help="bf16 (default on CUDA): the teacher's weights in bf16 and the student's forward in bf16 "
+                        "autocast with fp32 master weights, as `bf16=True` trains; every variant alike")
+    parser.add_argument("--chunk_size", type=int, default=0,
+                        help="hf_kd's logit_chunk_size (0 = auto, as a user gets it; timing only, memory uses auto)")
+    parser.add_argument("--batch", type=int, help="sequences a batch (default: the preset's)")
     parser.add_argument("--_memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
     if args._memory_case:
-        print(f"MEMORY {memory_case(args._memory_case, args.preset, device):.1f}", flush=True)
+        print(f"MEMORY {memory_case(args._memory_case, p, device, args.precision, args.chunk_size):.1f}", flush=True)
         return 0
 
-    p = PRESETS[args.preset]
     names = [n for n in VARIANTS if n not in args.skip]
     if "trl" in names and importlib.util.find_spec("trl") is None:
         print("[bench] trl is not installed (pip install 'hf_kd[bench]'): the trl variant is skipped", flush=True)
         names.remove("trl")
-    print(f"[bench] {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}: {p}")
+    gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
+    print(f"[bench] {device}{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}; "
+          f"preset {args.preset}: {p}")
     t_start = time.perf_counter()
     times = time_variants(names, p, args, device)
     memory = {}
     if "memory" not in args.skip:
         cases = ["loss:plain", "loss:hf_kd"] + [n for n in names if n in (("plain", "hf_kd") if not args.memory_all
                                                                             else ("plain", "hf_kd", "trl", "cached"))]
-        memory = measure_memory(cases, args.preset, device)
+        memory = measure_memory(cases, args)
 
     deep = None
     if args.deep_preset not in (None, "none") and {"hf_kd", "cached"} <= set(names):

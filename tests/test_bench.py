@@ -65,3 +65,21 @@ def test_trl_gkd_with_beta_0_is_the_same_divergence():
     trl_loss = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=0.0, temperature=1.0)
     ours = logit_distillation_loss(s, t, labels != -100, kind="forward_kl", temperature=1.0)
     torch.testing.assert_close(trl_loss, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_runs_every_variant_alike():
+    """--precision bf16 (the CUDA default): the teacher's weights in bf16, the student keeps fp32 master weights
+    and runs its forward in autocast, as `bf16=True` training does; the Trainer variants get bf16=True."""
+    bench = _bench()
+    p = bench.PRESETS["smoke"]
+    teacher, student = bench.build_models(p, "cpu", "bf16")
+    assert {t.dtype for t in teacher.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in student.parameters()} == {torch.float32}
+    batch = bench.make_batch(p, "cpu")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    assert student(**inputs).logits.dtype == torch.float32
+    bench.mixed(student, "bf16", "cpu")
+    assert student(**inputs).logits.dtype == torch.bfloat16
+    assert {t.dtype for t in student.parameters()} == {torch.float32}
+    runner = bench.hf_kd_runner(teacher, student, 1e-4, "unused", precision="bf16")
+    assert runner.trainer.args.bf16 and runner.trainer.args.teacher_dtype == "bfloat16"
