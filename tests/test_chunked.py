@@ -412,6 +412,9 @@ def test_auto_chunks_large_vocabularies_only(tmp_path):
     _, positions, route, _ = _llama_step(tmp_path, 0, vocab=8192)
     assert route is True and positions == [10, 1]
     assert auto_chunk_size(32768) == 512 and auto_chunk_size(8192) == 2048 and auto_chunk_size(10**7) == 64
+    # on CUDA, chunks four times larger (fewer launches; scripts/bench.py on an H200, README)
+    assert auto_chunk_size(32768, "cuda") == auto_chunk_size(32768, torch.device("cuda", 0)) == 2048
+    assert auto_chunk_size(32768, "cpu") == 512 and auto_chunk_size(10**8, "cuda") == 64
 
 
 def test_logit_chunk_size_is_validated(tmp_path):
