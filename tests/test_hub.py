@@ -131,6 +131,12 @@ class RecordingApi:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        # Trainer before transformers 5.10 calls huggingface_hub's module-level create_repo, bound to an HfApi
+        # instance when imported: replace that name too
+        import transformers.trainer
+
+        if hasattr(transformers.trainer, "create_repo"):
+            monkeypatch.setattr(transformers.trainer, "create_repo", lambda repo_id, **kw: create_repo(None, repo_id, **kw))
 
 
 # ---------------------------------------------------------------- pure helpers
