@@ -1381,7 +1381,7 @@ class DistillationTrainer(Trainer):
                 "hub_strategy='every_save' or 'end', and resume from the local checkpoints."
             )
         try:
-            # `private` only when given: Trainer before transformers 5.2x takes no such argument
+            # `private` only when given: Trainer.init_hf_repo of transformers 5.17 and older takes no such argument
             super().init_hf_repo(token=token, **({} if private is None else {"private": private}))
         except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear message
             reason, hint = hub.failure_reason(err)

@@ -422,7 +422,7 @@ def main() -> int:
                         help="bf16 (default on CUDA): the teacher's weights in bf16 and the student's forward in bf16 "
                         "autocast with fp32 master weights, as `bf16=True` trains; every variant alike")
     parser.add_argument("--chunk_size", type=int, default=0,
-                        help="hf_kd's logit_chunk_size (0 = auto, as a user gets it; timing only, memory uses auto)")
+                        help="hf_kd's logit_chunk_size, timed and measured (0 = auto, as a user gets it)")
     parser.add_argument("--batch", type=int, help="sequences a batch (default: the preset's)")
     parser.add_argument("--_memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -487,7 +487,9 @@ def main() -> int:
             print(f"  {label:42s} {ratios[label]:6.2f}  {target}")
     print(f"\n[bench] total {time.perf_counter() - t_start:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": p, "times": times, "memory_mib": memory, "ratios": ratios,
+        Path(args.json).write_text(json.dumps({"preset": p, "precision": args.precision, "chunk_size": args.chunk_size,
+                                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                               "times": times, "memory_mib": memory, "ratios": ratios,
                                                "deep": deep}, indent=1))
     return 0
 
