@@ -67,7 +67,7 @@ def test_trl_gkd_with_beta_0_is_the_same_divergence():
     torch.testing.assert_close(trl_loss, ours, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_runs_every_variant_alike():
+def test_bf16_runs_every_variant_alike(tmp_path):
     """--precision bf16 (the CUDA default): the teacher's weights in bf16, the student keeps fp32 master weights
     and runs its forward in autocast, as `bf16=True` training does; the Trainer variants get bf16=True."""
     bench = _bench()
@@ -81,5 +81,5 @@ def test_bf16_runs_every_variant_alike():
     bench.mixed(student, "bf16", "cpu")
     assert student(**inputs).logits.dtype == torch.bfloat16
     assert {t.dtype for t in student.parameters()} == {torch.float32}
-    runner = bench.hf_kd_runner(teacher, student, 1e-4, "unused", precision="bf16")
+    runner = bench.hf_kd_runner(teacher, student, 1e-4, str(tmp_path / "out"), precision="bf16")
     assert runner.trainer.args.bf16 and runner.trainer.args.teacher_dtype == "bfloat16"
