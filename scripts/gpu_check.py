@@ -86,22 +86,18 @@ def check_chunked(device: str) -> None:
 def check_topk(device: str) -> None:
     from hf_kd.chunked import TopK, linear_head_loss
     from hf_kd.losses import topk_distillation_loss
+    from hf_kd.teacher_cache import teacher_buckets
 
     hs, ws, ht, wt, mask, _ = head_inputs(device, seed=1)
     k, temperature = 64, 2.0
-    with torch.no_grad():
-        zt = (ht @ wt.T)[mask]
-        top = zt.topk(k, dim=-1)
-        lse = torch.logsumexp(zt.double() / temperature, -1)
-        top_mass = torch.exp(top.values.double() / temperature - lse[:, None]).sum(-1)
-        rest = torch.log1p(-top_mass.clamp(max=1 - 1e-12))
-    target = TopK(top.indices, top.values, lse.float(), rest.float())
+    with torch.no_grad():  # the buckets as `hf-kd cache-teacher` stores them
+        ids, top, lse, rest = teacher_buckets((ht @ wt.T)[mask], k, temperature)
     h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    loss = linear_head_loss(h, w, mask=mask, teacher_topk=target, temperature=temperature, chunk_size=1024).loss
+    loss = linear_head_loss(h, w, mask=mask, teacher_topk=TopK(ids, top, lse, rest), temperature=temperature,
+                            chunk_size=1024).loss
     loss.backward()
     hr, wr = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    ref = topk_distillation_loss((hr @ wr.T)[mask], top.indices, top.values, lse.float(), rest.float(),
-                                 temperature=temperature)
+    ref = topk_distillation_loss((hr @ wr.T)[mask], ids.long(), top, lse, rest, temperature=temperature)
     ref.backward()
     errors = (rel(loss.detach(), ref.detach()), rel(h.grad, hr.grad), rel(w.grad, wr.grad))
     check(f"cached top-{k} through the head vs topk_distillation_loss, fp32", max(errors) < 1e-5,
