@@ -4,9 +4,10 @@ from .config import DistillationConfig
 from .hub import CardInfo, PushError, push_student, read_provenance, weights_sha256
 from .teacher_cache import cache_teacher_outputs, load_cached_dataset
 from .student import init_student, student_from_config, student_from_teacher, uniform_layers
-from .trainer import DistillationTrainer, InputError, NonFiniteLossError
+from .errors import InputError, NonFiniteLossError
+from .trainer import DistillationTrainer
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DistillationConfig",

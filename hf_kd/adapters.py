@@ -120,8 +120,6 @@ def load_adapter_teacher(folder: str, task: str, auto_cls):
     """
     from peft import PeftConfig, PeftModel
 
-    from .offline import resolve_model
-
     config = PeftConfig.from_pretrained(folder)
     base_name = config.base_model_name_or_path
     if not base_name:
@@ -130,9 +128,8 @@ def load_adapter_teacher(folder: str, task: str, auto_cls):
             f"{ADAPTER_CONFIG_NAME}); load the base yourself and pass peft.PeftModel.from_pretrained(base, folder) "
             "as teacher_model."
         )
-    base_path = resolve_model(base_name)
     try:
-        base, info = auto_cls.from_pretrained(base_path, output_loading_info=True)
+        base, info = auto_cls.from_pretrained(base_name, output_loading_info=True)
     except (OSError, json.JSONDecodeError) as err:
         return None, f"the base model {base_name!r} of the adapter in {folder!r} could not be loaded: {err}"
     saved = set(config.modules_to_save or [])

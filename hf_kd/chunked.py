@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .losses import (
+    F32_MIN,
     KD_LOSSES,
     Normalizer,
     _check_kind,
@@ -60,7 +61,6 @@ DEFAULT_CHUNK_SIZE = 1024
 AUTO_CHUNK_ELEMENTS = 1 << 24
 AUTO_CHUNK_ELEMENTS_CUDA = 1 << 26
 _F32 = torch.float32
-_F32_MIN = torch.finfo(torch.float32).min
 
 
 def auto_chunk_size(num_classes: int, device: torch.device | str | None = None) -> int:
@@ -269,10 +269,10 @@ def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature:
     (rows, p_v / P (t, V), q_rest) from log space, else None. ``ps`` is left as it was; ``scratch`` (c, V) is
     overwritten."""
     ids = target.ids  # (c, k)
-    log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(_F32_MIN)  # (c, k)
-    log_q_rest = target.rest_logprob.clamp_min(_F32_MIN)  # (c,)
+    log_q = (target.logits / temperature - target.logsumexp[:, None]).clamp_min(F32_MIN)  # (c, k)
+    log_q_rest = target.rest_logprob.clamp_min(F32_MIN)  # (c,)
     q, q_rest = log_q.exp(), log_q_rest.exp()
-    log_ps_top = (zs_T.gather(-1, ids) - lse_s[:, None]).clamp_min(_F32_MIN)  # (c, k)
+    log_ps_top = (zs_T.gather(-1, ids) - lse_s[:, None]).clamp_min(F32_MIN)  # (c, k)
     # P, the student's mass outside the top k: the sum of those probabilities (the top k zeroed for one read,
     # then put back). Where it underflows (< 1e-30), a logsumexp over those classes in log space instead.
     ps_top = ps.gather(-1, ids)  # (c, k)
@@ -289,7 +289,7 @@ def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature:
         log_p_rest[tiny] = mass.log() + m - lse_s[tiny]
         # the rest bucket's gradient p_v / P over the classes outside the top k, from log space (p_v underflows)
         fix = (tiny, rest.div_(mass.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), q_rest[tiny])
-    log_p_rest = log_p_rest.clamp_min(_F32_MIN)  # (c,)
+    log_p_rest = log_p_rest.clamp_min(F32_MIN)  # (c,)
     per_row = (q * (log_q - log_ps_top)).sum(-1) + q_rest * (log_q_rest - log_p_rest)  # (c,)
     big_q = q.sum(-1) + q_rest  # (c,)
     r = (log_q_rest - log_p_rest).clamp_max(60.0).exp()  # (c,); p_v <= P bounds r * p_v by q_rest

@@ -300,7 +300,9 @@ def run_init_student(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     try:
-        summary = init_student(args.teacher, args.output_dir, layers=args.layers, student_config=args.student_config,
+        from .offline import resolve_model
+
+        summary = init_student(resolve_model(args.teacher), args.output_dir, layers=args.layers, student_config=args.student_config,
                                overwrite_output_dir=args.overwrite_output_dir)
     except (ValueError, OSError) as err:
         raise SystemExit(f"hf-kd init-student: {err}") from None
@@ -351,11 +353,12 @@ def check_model_paths(model_args) -> None:
                 + "; check the path, or give a Hub id while online."
             )
     if len(folders) == 2:
-        from .trainer import InputError, _check_tokenizers, _load_tokenizer
+        from .distill.checks import check_tokenizers, load_tokenizer
+        from .errors import InputError
 
         try:
-            _check_tokenizers(_load_tokenizer(str(folders["student_model_name_or_path"])),
-                              _load_tokenizer(str(folders["teacher_model_name_or_path"])))
+            check_tokenizers(load_tokenizer(str(folders["student_model_name_or_path"])),
+                             load_tokenizer(str(folders["teacher_model_name_or_path"])))
         except InputError as err:
             raise SystemExit(f"hf-kd: {err}") from None
 
@@ -382,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_task(rest)
     if command == "distill":
+        from .errors import InputError, NonFiniteLossError
         from .hub import PushError
         from .pipeline import run_distill
-        from .trainer import InputError, NonFiniteLossError
 
         parsed = parse_distill_args(rest)
         check_model_paths(parsed[0])
@@ -395,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "push":
         run_push(parse_push_args(rest))
     elif command == "cache-teacher":
+        from .errors import InputError
         from .teacher_cache import run_cache_teacher
-        from .trainer import InputError
 
         options, rest = parse_cache_args(rest)
         parsed = parse_distill_args(rest)

@@ -594,7 +594,7 @@ def push_student(
         card = render_card(read_provenance(folder), model_name=repo_id.split("/")[-1])
         operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
 
-    from . import __version__
+    from .version import __version__
 
     api = api or HfApi(library_name="hf_kd", library_version=__version__)
     try:

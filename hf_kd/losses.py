@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "COMPONENTS",
+    "F32_MIN",
+    "F32_TINY",
     "KD_LOSSES",
     "HIDDEN_LOSSES",
     "ATTENTION_LOSSES",
@@ -44,10 +47,12 @@ __all__ = [
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 HIDDEN_LOSSES = ("mse", "cosine")
 ATTENTION_LOSSES = ("mse", "kl")
+#: The loss components `DistillationTrainer` logs (each unweighted, beside `loss`), in this order.
+COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss", "relation_loss")
 
 _F32 = torch.float32
-_F32_MIN = torch.finfo(torch.float32).min  # most negative finite fp32
-_F32_TINY = torch.finfo(torch.float32).tiny  # smallest positive normal fp32
+F32_MIN = torch.finfo(torch.float32).min  # most negative finite fp32
+F32_TINY = torch.finfo(torch.float32).tiny  # smallest positive normal fp32
 _COSINE_EPS = 1e-8
 
 Normalizer = Optional[Union[Number, Tensor]]
@@ -117,8 +122,8 @@ def _safe_log_softmax(z: Tensor, class_mask: Optional[Tensor]) -> Tensor:
     The result is clamped at finfo.min so -inf never reaches later arithmetic.
     """
     if class_mask is not None:
-        z = z.masked_fill(~class_mask, _F32_MIN)  # (..., C)
-    return torch.log_softmax(z, dim=-1).clamp_min(_F32_MIN)  # (..., C)
+        z = z.masked_fill(~class_mask, F32_MIN)  # (..., C)
+    return torch.log_softmax(z, dim=-1).clamp_min(F32_MIN)  # (..., C)
 
 
 def _divergence_terms(log_pt: Tensor, log_ps: Tensor, kind: str, jsd_beta: float) -> Tensor:
@@ -255,14 +260,14 @@ def topk_distillation_loss(
     log_ps = _safe_log_softmax(zs / temperature, None)  # (..., V)
     ps_top = log_ps.gather(-1, ids)  # (..., k)
     in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(-1, ids, True)  # (..., V)
-    ps_rest = torch.logsumexp(log_ps.masked_fill(in_top, _F32_MIN), dim=-1).clamp_min(_F32_MIN)  # (...)
+    ps_rest = torch.logsumexp(log_ps.masked_fill(in_top, F32_MIN), dim=-1).clamp_min(F32_MIN)  # (...)
     log_ps_b = torch.cat([ps_top, ps_rest[..., None]], dim=-1)  # (..., k+1)
 
     zt = torch.where(valid[..., None], teacher_topk_logits.to(device).float(), 0.0)  # (..., k)
     lse = torch.where(valid, teacher_logsumexp.to(device).float(), 0.0)  # (...)
-    rest = torch.where(valid, teacher_rest_logprob.to(device).float(), _F32_MIN)  # (...)
-    pt_top = (zt / temperature - lse[..., None]).clamp_min(_F32_MIN)  # (..., k)
-    log_pt_b = torch.cat([pt_top, rest.clamp_min(_F32_MIN)[..., None]], dim=-1)  # (..., k+1)
+    rest = torch.where(valid, teacher_rest_logprob.to(device).float(), F32_MIN)  # (...)
+    pt_top = (zt / temperature - lse[..., None]).clamp_min(F32_MIN)  # (..., k)
+    log_pt_b = torch.cat([pt_top, rest.clamp_min(F32_MIN)[..., None]], dim=-1)  # (..., k+1)
 
     per_pos = _divergence_terms(log_pt_b, log_ps_b, kind, jsd_beta).sum(-1)  # (...)
     return _reduce(per_pos, valid, normalizer)
@@ -408,7 +413,7 @@ def attention_loss(
 
     # kl: teacher prob 0 (incl. masked pairs) -> term 0; logs on clamped values.
     a_s = torch.where(pair, a_s, 1.0)  # (B, H, T, T)
-    log_ratio = a_t.clamp_min(_F32_TINY).log() - a_s.clamp_min(_F32_TINY).log()  # (B, H, T, T)
+    log_ratio = a_t.clamp_min(F32_TINY).log() - a_s.clamp_min(F32_TINY).log()  # (B, H, T, T)
     terms = torch.where(pair & (a_t > 0), a_t * log_ratio, 0.0)  # (B, H, T, T)
     per_row = terms.sum(-1).mean(1)  # (B, T)
     return _reduce(per_row, valid, normalizer)

@@ -28,7 +28,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from . import __version__
+from .version import __version__
 from .config import DistillationConfig
 from .hub import CardInfo, card_metrics
 from .metrics import load_metric
@@ -389,7 +389,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
 
 def _card_accuracy(trainer, role: str | None) -> float | None:
     """The accuracy that `save_model` computed for the card: the teacher's, or the student's at its final step."""
-    entry = trainer._evaluations.get(role) if role else None
+    entry = trainer.recorded_evaluation(role) if role else None
     if entry is None or (role == "student" and entry[0] != trainer.state.global_step):
         return None
     return card_metrics(entry[2], entry[1]).get("accuracy")

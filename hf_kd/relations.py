@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .losses import Normalizer, _reduce, _valid_mask
+from .losses import F32_MIN, F32_TINY, Normalizer, _reduce, _valid_mask
 
 __all__ = [
     "RELATION_LOSSES",
@@ -46,8 +46,6 @@ RKD_ANGLE_WEIGHT = 2.0
 QKV_SUFFIXES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
 
 _F32 = torch.float32
-_F32_MIN = torch.finfo(torch.float32).min
-_F32_TINY = torch.finfo(torch.float32).tiny
 
 
 # --------------------------------------------------------------------------- #
@@ -59,8 +57,8 @@ def _relation_log_probs(x: Tensor, key_valid: Tensor, heads: int) -> Tensor:
     d_r = D // heads
     xr = x.reshape(B, T, heads, d_r).transpose(1, 2)  # (B, R, T, d_r)
     scores = xr @ xr.transpose(-1, -2) / math.sqrt(d_r)  # (B, R, T, T)
-    scores = scores.masked_fill(~key_valid[:, None, None, :], _F32_MIN)  # masked keys get probability 0
-    return torch.log_softmax(scores, dim=-1).clamp_min(_F32_MIN)  # (B, R, T, T)
+    scores = scores.masked_fill(~key_valid[:, None, None, :], F32_MIN)  # masked keys get probability 0
+    return torch.log_softmax(scores, dim=-1).clamp_min(F32_MIN)  # (B, R, T, T)
 
 
 def minilm_relation_loss(
@@ -156,7 +154,7 @@ def _normalised_distances(e: Tensor, valid: Tensor, pairs: Tensor) -> Tensor:
     dist = _safe_norm(_differences(e, valid))  # (B, B)
     n_pairs = pairs.sum().clamp_min(1)
     mean = torch.where(pairs, dist, 0.0).sum() / n_pairs  # ()
-    return dist / mean.clamp_min(_F32_TINY)  # (B, B)
+    return dist / mean.clamp_min(F32_TINY)  # (B, B)
 
 
 def rkd_distance_loss(
@@ -218,7 +216,7 @@ def _similarity(e: Tensor, valid: Tensor) -> Tensor:
     """G = F F^T with each row L2-normalised over the valid columns: (B, D) -> (B, B)."""
     e = torch.where(valid[:, None], e.float(), 0.0)  # (B, D)
     g = e @ e.T  # (B, B); invalid rows and columns are 0
-    return g / _safe_norm(g).clamp_min(_F32_TINY)[:, None]  # (B, B)
+    return g / _safe_norm(g).clamp_min(F32_TINY)[:, None]  # (B, B)
 
 
 def batch_similarity_loss(

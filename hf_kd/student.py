@@ -208,11 +208,9 @@ def init_student(
     """
     import transformers
 
-    from .offline import resolve_model
-
     if (layers is None) == (student_config is None):
         raise ValueError("give either layers (a number, e.g. 3, or a list such as [1,3,5]) or student_config.")
-    source = Path(os.path.expanduser(resolve_model(teacher)))
+    source = Path(os.path.expanduser(teacher))
     if not source.is_dir():
         raise ValueError(f"the teacher folder {teacher!r} does not exist; give a folder saved with save_pretrained.")
     if not (source / "config.json").is_file():

@@ -173,8 +173,8 @@ def parse(argv: list[str]) -> tuple[TaskArguments, DistillationConfig]:
 
 
 def run(args: TaskArguments, config: DistillationConfig) -> dict:
+    from .errors import InputError, NonFiniteLossError
     from .hub import PushError
-    from .trainer import InputError, NonFiniteLossError
 
     try:
         return _run(args, config)
@@ -187,12 +187,13 @@ def _run(args: TaskArguments, config: DistillationConfig) -> dict:
 
     from .offline import resolve_model
     from .student import student_from_teacher
-    from .trainer import DistillationTrainer, load_teacher
+    from .teachers import load_teacher
+    from .trainer import DistillationTrainer
 
     if args.task not in TASKS:
         raise SystemExit(f"hf_kd.task_data: unknown task {args.task!r}; use one of {', '.join(TASKS)}.")
     cls = auto_class(args.task)
-    teacher = load_teacher(args.teacher_model_name_or_path, args.task)  # refuses a teacher without the task head
+    teacher = load_teacher(resolve_model(args.teacher_model_name_or_path), args.task)  # refuses a teacher without the task head
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.teacher_model_name_or_path))
     if args.student_model_name_or_path:
         student = cls.from_pretrained(resolve_model(args.student_model_name_or_path))

@@ -18,6 +18,23 @@ TASKS = {
 
 # Tasks whose logits have one row per token, masked by labels != -100.
 TOKEN_TASKS = ("token_classification", "masked_lm", "causal_lm", "seq2seq_lm")
+# Keys of a batch that are targets, not model inputs.
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The entries of a batch that a model's forward takes: everything but the targets."""
+    return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+
+
+def shift_predictions(x):
+    """Causal LM: the positions that predict a next token, ``x[:, :-1]`` (logits or hidden states, (B, T-1, ...))."""
+    return x[:, :-1]
+
+
+def shift_targets(x):
+    """Causal LM: the token each kept position predicts, ``x[:, 1:]`` (labels or masks, (B, T-1))."""
+    return x[:, 1:]
 
 
 def unwrap(model):
@@ -58,8 +75,8 @@ def logit_row_mask(task: str, batch: dict):
     labels = batch.get("labels")
     if task == "causal_lm":
         if labels is not None:
-            return labels[:, 1:] != -100  # (B, T-1)
-        return token_mask(batch)[:, 1:]
+            return shift_targets(labels) != -100  # (B, T-1)
+        return shift_targets(token_mask(batch))
     if labels is not None:
         return labels != -100  # (B, T)
     if task == "seq2seq_lm":  # no labels: the decoder positions given

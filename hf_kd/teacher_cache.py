@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from .chunked import TopK
-from .losses import topk_distillation_loss
-from .tasks import detect_task, logit_row_mask, unwrap
+from .errors import InputError
+from .losses import F32_MIN, topk_distillation_loss
+from .tasks import detect_task, logit_row_mask, model_inputs, shift_predictions, unwrap
 from .tasks import token_mask as _token_mask
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ IDS, LOGITS, LSE, REST = (PREFIX + n for n in ("topk_ids", "topk_logits", "logsu
 ROWS = PREFIX + "rows"  # batch only: logit rows per example, to check they line up with the live mask
 HIDDEN_ROWS = PREFIX + "hidden_rows"  # batch only: cached tokens per example
 SUPPORTED_TASKS = ("sequence_classification", "token_classification", "masked_lm", "causal_lm")
-_TARGET_KEYS = ("labels", "start_positions", "end_positions")
-_F32_MIN = torch.finfo(torch.float32).min
 
 
 def hidden_column(layer: int) -> str:
@@ -57,8 +56,6 @@ def hidden_column(layer: int) -> str:
 
 
 def _input_error(message: str) -> Exception:
-    from .trainer import InputError  # lazy: trainer imports this module lazily too
-
     return InputError(message)
 
 
@@ -69,7 +66,7 @@ def teacher_buckets(logits: Tensor, k: int, temperature: float) -> tuple[Tensor,
     lse = torch.logsumexp(z / temperature, dim=-1)  # (N,)
     top, ids = z.topk(k, dim=-1)  # (N, k)
     in_top = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V)
-    rest = (torch.logsumexp((z / temperature).masked_fill(in_top, _F32_MIN), dim=-1) - lse).clamp_min(_F32_MIN)
+    rest = (torch.logsumexp((z / temperature).masked_fill(in_top, F32_MIN), dim=-1) - lse).clamp_min(F32_MIN)
     return ids.int(), top, lse, rest  # (N, k), (N, k), (N,), (N,)
 
 
@@ -98,7 +95,7 @@ def cache_teacher_outputs(
     from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 
     from .hub import weights_sha256
-    from .report import count_parameters
+    from .measure import count_parameters
 
     task = task or detect_task(teacher)
     if task not in SUPPORTED_TASKS:
@@ -125,7 +122,7 @@ def cache_teacher_outputs(
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in collator(rows).items()}
-        inputs = {key: v for key, v in batch.items() if key not in _TARGET_KEYS}
+        inputs = model_inputs(batch)
         out = teacher(**inputs, output_hidden_states=bool(hidden_layers))
         logits = out.logits  # (B, C) or (B, T, V)
         mask = logit_row_mask(task, batch)
@@ -133,7 +130,7 @@ def cache_teacher_outputs(
             flat, per_example = logits, [1] * logits.shape[0]  # (B, C)
         else:
             if task == "causal_lm":
-                logits = logits[:, :-1]  # (B, T-1, V): position i predicts token i+1
+                logits = shift_predictions(logits)  # (B, T-1, V): position i predicts token i+1
             flat, per_example = logits[mask], mask.sum(-1).tolist()  # (N, V)
         if n_classes is None:
             n_classes = logits.shape[-1]

@@ -14,13 +14,17 @@ differ in depth and width): the trainer refuses them with several teachers.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .tasks import TOKEN_TASKS
+from . import adapters
+from .errors import InputError
+from .tasks import TOKEN_TASKS, auto_class, tasks_of_class
 
 LOGIT_FIELDS = ("logits", "start_logits", "end_logits")
 
@@ -117,3 +121,56 @@ def combine_outputs(outputs: Sequence, weights: Sequence[float], *, kind: str, t
                 [getattr(o, name) for o in outputs], weights, kind=kind, temperature=temperature, class_mask=class_mask
             )
     return combined
+
+
+def load_teacher(teacher_model, task: str) -> PreTrainedModel:
+    """A teacher given as a model is used as is; a name or path is loaded with the Auto class of `task`."""
+    if isinstance(teacher_model, nn.Module):
+        return teacher_model
+    if not isinstance(teacher_model, (str, os.PathLike)):
+        raise TypeError(
+            f"teacher_model must be a PreTrainedModel or a name/path, not {type(teacher_model).__name__}."
+        )
+    path = str(teacher_model)
+    cls = auto_class(task)
+    local = os.path.expanduser(path)
+    if adapters.is_adapter_folder(local):  # base model + adapter, merged (the teacher is frozen)
+        teacher, problem = adapters.load_adapter_teacher(local, task, cls)
+        if problem:
+            raise InputError(f"Cannot load the teacher {teacher_model!r}: {problem}")
+        return teacher
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        raise InputError(
+            f"The teacher folder {teacher_model!r} has no config.json: it is not a model saved with save_pretrained. "
+            "Point teacher_model at the folder that holds config.json and the weights."
+        )
+    if not os.path.exists(local) and (os.path.isabs(local) or path.startswith(".") or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise InputError(
+            f"The teacher {teacher_model!r} is not a local folder"
+            + (" (and the Hub is offline, HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+            + ". Check the path, or pass a model object as teacher_model."
+        )
+    try:
+        teacher, info = cls.from_pretrained(path, output_loading_info=True)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(
+            f"Could not load the teacher {teacher_model!r} with {cls.__name__}: {err}\n"
+            "Pass a local folder saved with save_pretrained, or a Hub id while online."
+        ) from err
+    saved_as = {a: tasks_of_class(a) for a in getattr(teacher.config, "architectures", None) or []}
+    if any(saved_as.values()) and not any(task in tasks for tasks in saved_as.values()):
+        name, tasks = next((a, t) for a, t in saved_as.items() if t)
+        raise InputError(
+            f"The teacher {teacher_model!r} was saved as {name}, a {tasks[0].replace('_', ' ')} model, not a "
+            f"{task.replace('_', ' ')} model: loaded with {cls.__name__} its head would not mean what the student's "
+            "does (head weights of the same shape load silently). Give a teacher fine-tuned for the student's task."
+        )
+    missing = info.get("missing_keys", [])
+    if missing:
+        raise InputError(
+            f"The teacher {teacher_model!r} has no trained weights for {len(missing)} parameters of "
+            f"{cls.__name__} (e.g. {sorted(missing)[:3]}): it is not a {task.replace('_', ' ')} model, so its "
+            "logits would be random. Fine-tune the teacher for the task first, or give a checkpoint that has "
+            "the task head."
+        )
+    return teacher

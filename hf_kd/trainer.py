@@ -22,10 +22,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from . import adapters, distributed, hub, relations, teachers
 from .chunked import HeadTap, auto_chunk_size, chunked_cross_entropy_loss, chunked_logit_distillation_loss, linear_head_loss
 from .config import DistillationConfig
+from .distill.checks import check_tokenizers, load_tokenizer
+from .errors import InputError, NonFiniteLossError
 from .layer_map import resolve_layer_map
-from .losses import attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
-from .report import count_parameters
-from .tasks import TOKEN_TASKS, auto_class, detect_task, logit_row_mask, tasks_of_class, unwrap
+from .losses import COMPONENTS, attention_loss, cross_entropy_loss, hidden_state_loss, logit_distillation_loss
+from .measure import count_parameters
+from .tasks import TARGET_KEYS, TOKEN_TASKS, detect_task, logit_row_mask, unwrap
 from .tasks import token_mask as batch_token_mask
 
 logger = logging.getLogger(__name__)
@@ -35,9 +37,6 @@ PROJECTIONS_NAME = "kd_projections.safetensors"
 KD_CONFIG_NAME = "kd_config.json"
 #: Rows of a training set scanned for labels and lengths before training (the checks stay cheap on big data).
 SCAN_ROWS = 10_000
-COMPONENTS = ("kd_loss", "ce_loss", "hidden_loss", "attention_loss", "relation_loss")
-# Keys of a batch that are targets, not model inputs.
-TARGET_KEYS = ("labels", "start_positions", "end_positions")
 #: logit_chunk_size=0 (auto) chunks the logit losses of token-level tasks from this many classes on.
 AUTO_CHUNK_MIN_VOCAB = 8192
 # Tasks whose logits come from a linear head over the vocabulary: the chunked losses can start from its input.
@@ -68,14 +67,6 @@ def _num_heads(config) -> int:
     return config.get_text_config().num_attention_heads
 
 
-class InputError(ValueError):
-    """Input refused before training (models, tokenizers, data); the message names the problem and the fix."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss component was NaN or inf (``nonfinite_loss="stop"``); raised before its backward pass."""
-
-
 def _fail_together(error: BaseException | None, world_size: int) -> None:
     """Raise on every process when one failed: the first failure's message, this process's own error where it has one."""
     messages = distributed.gather_messages(None if error is None else str(error), world_size)
@@ -85,61 +76,6 @@ def _fail_together(error: BaseException | None, world_size: int) -> None:
     if failed:
         rank, message = failed[0]
         raise InputError(f"process {rank} of {world_size} refused to start, so every process stops: {message}")
-
-
-def load_teacher(teacher_model, task: str) -> PreTrainedModel:
-    """A teacher given as a model is used as is; a name or path is loaded with the student's Auto class."""
-    if isinstance(teacher_model, nn.Module):
-        return teacher_model
-    if not isinstance(teacher_model, (str, os.PathLike)):
-        raise TypeError(
-            f"teacher_model must be a PreTrainedModel or a name/path, not {type(teacher_model).__name__}."
-        )
-    from .offline import resolve_model
-
-    path = resolve_model(str(teacher_model))
-    cls = auto_class(task)
-    local = os.path.expanduser(path)
-    if adapters.is_adapter_folder(local):  # base model + adapter, merged (the teacher is frozen)
-        teacher, problem = adapters.load_adapter_teacher(local, task, cls)
-        if problem:
-            raise InputError(f"Cannot load the teacher {teacher_model!r}: {problem}")
-        return teacher
-    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
-        raise InputError(
-            f"The teacher folder {teacher_model!r} has no config.json: it is not a model saved with save_pretrained. "
-            "Point teacher_model at the folder that holds config.json and the weights."
-        )
-    if not os.path.exists(local) and (os.path.isabs(local) or path.startswith(".") or os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise InputError(
-            f"The teacher {teacher_model!r} is not a local folder"
-            + (" (and the Hub is offline, HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
-            + ". Check the path, or pass a model object as teacher_model."
-        )
-    try:
-        teacher, info = cls.from_pretrained(path, output_loading_info=True)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(
-            f"Could not load the teacher {teacher_model!r} with {cls.__name__}: {err}\n"
-            "Pass a local folder saved with save_pretrained, or a Hub id while online."
-        ) from err
-    saved_as = {a: tasks_of_class(a) for a in getattr(teacher.config, "architectures", None) or []}
-    if any(saved_as.values()) and not any(task in tasks for tasks in saved_as.values()):
-        name, tasks = next((a, t) for a, t in saved_as.items() if t)
-        raise InputError(
-            f"The teacher {teacher_model!r} was saved as {name}, a {tasks[0].replace('_', ' ')} model, not a "
-            f"{task.replace('_', ' ')} model: loaded with {cls.__name__} its head would not mean what the student's "
-            "does (head weights of the same shape load silently). Give a teacher fine-tuned for the student's task."
-        )
-    missing = info.get("missing_keys", [])
-    if missing:
-        raise InputError(
-            f"The teacher {teacher_model!r} has no trained weights for {len(missing)} parameters of "
-            f"{cls.__name__} (e.g. {sorted(missing)[:3]}): it is not a {task.replace('_', ' ')} model, so its "
-            "logits would be random. Fine-tune the teacher for the task first, or give a checkpoint that has "
-            "the task head."
-        )
-    return teacher
 
 
 @dataclass
@@ -210,8 +146,8 @@ class DistillationTrainer(Trainer):
                 self._check_placement(unwrap(model), unwrap(teacher))
                 tokenizer = teacher_tokenizer
                 if tokenizer is None and self._teacher_folder(source):
-                    tokenizer = _load_tokenizer(self._teacher_folder(source))
-                _check_tokenizers(kwargs.get("processing_class"), tokenizer)
+                    tokenizer = load_tokenizer(self._teacher_folder(source))
+                check_tokenizers(kwargs.get("processing_class"), tokenizer)
                 self._check_dataset(kwargs.get("train_dataset"), unwrap(model), unwrap(teacher))
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
@@ -296,7 +232,7 @@ class DistillationTrainer(Trainer):
 
     def _remember_teacher(self) -> None:
         """Hash, size and count the teacher's weights while one process can still read them all (see `hub`)."""
-        from .report import size_on_disk_mb
+        from .measure import size_on_disk_mb
 
         teacher = self.teacher
         state = distributed.GatheredState(teacher) if distributed.is_partitioned(teacher) else teacher
@@ -465,9 +401,7 @@ class DistillationTrainer(Trainer):
     def _teacher_folder(teacher_model) -> str | None:
         if not isinstance(teacher_model, (str, os.PathLike)):
             return None
-        from .offline import resolve_model
-
-        path = os.path.expanduser(resolve_model(str(teacher_model)))
+        path = os.path.expanduser(str(teacher_model))
         return path if os.path.isdir(path) else None
 
     def _prepare_student(self, model, args: DistillationConfig):
@@ -497,7 +431,7 @@ class DistillationTrainer(Trainer):
                 "hidden_weight=0, attention_weight=0 and relation_weight=0 (the logits of all teachers are "
                 "averaged), or distil from one teacher."
             )
-        loaded = [load_teacher(source, self.task) for source in sources]
+        loaded = [teachers.load_teacher(source, self.task) for source in sources]
         if len(loaded) > 1:
             names = [str(s) if isinstance(s, (str, os.PathLike)) else type(unwrap(t)).__name__
                      for s, t in zip(sources, loaded)]
@@ -1241,6 +1175,11 @@ class DistillationTrainer(Trainer):
             self._evaluations[role] = (self.state.global_step, metric_key_prefix, dict(metrics))
         return metrics
 
+    def recorded_evaluation(self, role: str = "student") -> tuple[int, str, dict] | None:
+        """The last evaluation of `role` ("student" or "teacher") on the trainer's eval_dataset, as
+        ``(global_step, metric_key_prefix, metrics)``, or None."""
+        return self._evaluations.get(role)
+
     def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "teacher_eval"):
         """The teacher's metrics through the student's evaluation loop: same data, collator, batches, `compute_metrics`.
 
@@ -1566,7 +1505,7 @@ class DistillationTrainer(Trainer):
         return {k: v for k, v in self._split_inputs(batch).items() if torch.is_tensor(v)}
 
     def _measurements(self, folder, latency: bool) -> dict:
-        from .report import measure_latency_ms, size_on_disk_mb
+        from .measure import measure_latency_ms, size_on_disk_mb
 
         student = unwrap(self.accelerator.unwrap_model(self.model))
         if "teacher_size" not in self._card_cache and not self._backend.shards_models:
@@ -1613,48 +1552,6 @@ class DistillationTrainer(Trainer):
         record["measurements"] = self._measurements(folder, latency=latency)
         hub.write_provenance(folder, record)
         hub.render_card(record).save(Path(folder) / hub.CARD_NAME)
-
-
-def _load_tokenizer(folder: str):
-    """The tokenizer saved in a model folder, or None when the folder holds none."""
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception:  # noqa: BLE001 - an unreadable tokenizer only disables the comparison
-        logger.warning("Could not load the tokenizer in %s; the tokenizer check is skipped.", folder)
-        return None
-
-
-def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
-    """Teacher and student read the same input_ids, so their vocabularies must map tokens to the same ids.
-
-    The vocabularies are compared entry by entry, not by size: two tokenizers of equal size may number
-    their tokens differently.
-    """
-    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)  # a processor's tokenizer
-    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
-    if not (hasattr(student_tokenizer, "get_vocab") and hasattr(teacher_tokenizer, "get_vocab")):
-        return
-    sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if sv == tv:
-        return
-    moved = sorted(t for t in sv.keys() & tv.keys() if sv[t] != tv[t])
-    only = sorted(sv.keys() ^ tv.keys())
-    detail = []
-    if moved:
-        t = moved[0]
-        detail.append(f"{len(moved)} tokens have other ids (e.g. {t!r} is {sv[t]} for the student, {tv[t]} for the teacher)")
-    if only:
-        detail.append(f"{len(only)} tokens are in one vocabulary only (e.g. {only[0]!r})")
-    raise InputError(
-        f"the student's tokenizer ({len(sv)} tokens) and the teacher's ({len(tv)} tokens) differ: "
-        + "; ".join(detail)
-        + ". Both models read the same input_ids, so they need the same tokenizer: tokenize with the teacher's "
-        "and build the student from it (e.g. hf_kd.student.student_from_teacher)."
-    )
 
 
 def _length(dataset) -> int | None:

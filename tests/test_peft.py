@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
 from hf_kd.hub import PROVENANCE_NAME
-from hf_kd.trainer import load_teacher
+from hf_kd.teachers import load_teacher
 
 BERT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
 

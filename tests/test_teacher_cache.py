@@ -182,7 +182,7 @@ def test_cached_step_equals_live_step_for_sequence_classification(cls_setup, tmp
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded although teacher_cache is set")
 
-    monkeypatch.setattr("hf_kd.trainer.load_teacher", no_teacher)
+    monkeypatch.setattr("hf_kd.teachers.load_teacher", no_teacher)
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
     args = make_args(tmp_path / "cached", gradient_accumulation_steps=2, teacher_cache=str(path))
@@ -358,7 +358,7 @@ def test_cli_caches_the_recipe_teacher_and_distils_from_it_like_the_live_teacher
     def no_teacher(*a, **k):
         raise AssertionError("the trainer loaded a teacher although teacher_cache is set")
 
-    monkeypatch.setattr("hf_kd.trainer.load_teacher", no_teacher)
+    monkeypatch.setattr("hf_kd.teachers.load_teacher", no_teacher)
     assert main(["distill", *common, "--teacher_cache", str(cache), "--output_dir", str(tmp / "cached")]) == 0
     live, cached = (load_file(str(tmp / d / "model.safetensors")) for d in ("live", "cached"))
     for name, value in live.items():

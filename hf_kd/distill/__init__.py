@@ -1,0 +1,1 @@
+"""The collaborators that `DistillationTrainer` wires together, each built from the config and the models."""
