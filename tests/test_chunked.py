@@ -348,7 +348,7 @@ def _llama_step(tmp_path, chunk, kind="forward_kl", alpha=0.5, head_hook=None, s
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     _llama_step.teacher_positions = teacher_positions
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}, positions, trainer._head_route, logs
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}, positions, trainer.head_route.active, logs
 
 
 @pytest.mark.parametrize("kind, alpha", [("forward_kl", 0.5), ("jsd", 0.7), ("mse", 1.0)])
@@ -444,7 +444,7 @@ def test_trainer_masked_lm_through_the_head_gives_the_unchunked_step(tmp_path):
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                       train_dataset=ListDataset(rows_from_batch(batch)))
         trainer.train()
-        return {k: v.detach().clone() for k, v in student.state_dict().items()}, trainer._head_route
+        return {k: v.detach().clone() for k, v in student.state_dict().items()}, trainer.head_route.active
 
     full, _ = step(-1)
     chunked, route = step(5)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
 from hf_kd import distributed as dist_kd
 from hf_kd.cli import main
-from hf_kd.trainer import PROJECTIONS_NAME
+from hf_kd.distill.projections import PROJECTIONS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yml"))
@@ -117,10 +117,10 @@ results["cli"] = {
     "world_size": t.args.world_size,
     "process_index": t.args.process_index,
     "distributed_type": str(t.accelerator.distributed_type).split(".")[-1],
-    "backend": t._backend.kind,
+    "backend": t.backend.kind,
     "student_wrapper": type(t.model_wrapped).__name__,
     "teacher_class": type(teacher).__name__,
-    "teacher_is_what_runs": t._teacher_runner is teacher,
+    "teacher_is_what_runs": t.teacher_set.runners[0] is teacher,
     "teacher_requires_grad": any(p.requires_grad for p in teacher.parameters()),
     "teacher_training": teacher.training,
     "teacher_device": str(next(teacher.parameters()).device),

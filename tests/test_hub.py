@@ -35,7 +35,7 @@ from hf_kd.hub import (
     read_provenance,
     render_card,
 )
-from hf_kd.trainer import PROJECTIONS_NAME
+from hf_kd.distill.projections import PROJECTIONS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT_FILES = {

@@ -129,7 +129,7 @@ def test_trainer_kd_loss_is_the_loss_against_the_weighted_mixture(tmp_path):
                                   train_dataset=ListDataset(rows_from_batch(batch)))
     student.train()
     trainer.compute_loss(student, dict(batch))
-    got = trainer._component_sums["kd_loss"].item()
+    got = trainer.meter.sums["kd_loss"].item()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         s, a, b = student(**inputs).logits, t1(**inputs).logits, t2(**inputs).logits
@@ -141,7 +141,7 @@ def test_trainer_kd_loss_is_the_loss_against_the_weighted_mixture(tmp_path):
                                    train_dataset=ListDataset(rows_from_batch(batch)))
     trainer0.compute_loss(student, dict(batch))
     alone = logit_distillation_loss(s, a, temperature=2.0).item()
-    assert trainer0._component_sums["kd_loss"].item() == pytest.approx(alone, rel=1e-5)
+    assert trainer0.meter.sums["kd_loss"].item() == pytest.approx(alone, rel=1e-5)
 
 
 def test_every_teacher_frozen_absent_from_optimizer_and_the_card_lists_them(tmp_path):

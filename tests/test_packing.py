@@ -6,6 +6,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.tasks import logit_row_mask
 
 from conftest import make_llama
 
@@ -44,7 +45,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tmp_path):
     loss_p, grads_p, trainer = _loss_and_grads(packed, tmp_path / "p", **settings)
     loss_d, grads_d, _ = _loss_and_grads(padded, tmp_path / "d", **settings)
     # the packed rows: every token but each example's first predicts the next one of the same example
-    assert int(trainer._logit_mask(packed).sum()) == sum(n - 1 for n in LENGTHS)
+    assert int(logit_row_mask(trainer.task, packed).sum()) == sum(n - 1 for n in LENGTHS)
     torch.testing.assert_close(loss_p, loss_d, rtol=1e-4, atol=1e-6)
     assert grads_p.keys() == grads_d.keys()
     for name in grads_p:

@@ -313,7 +313,7 @@ def test_trainer_components_equal_the_functions_on_what_the_models_compute(tmp_p
 
     args = relation_args(tmp_path, relation_loss=kind, relation_pooling="mean" if kind == "similarity" else "first")
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
-    assert trainer.minilm_relation_heads == 4  # the teacher's heads divide 64 and 32
+    assert trainer.plan.minilm_relation_heads == 4  # the teacher's heads divide 64 and 32
     batch = random_batch("sequence_classification", batch=5, pad_from=[10, 6, 4, 8, 3])
     student.train()
     trainer.compute_loss(student, dict(batch))
@@ -323,14 +323,14 @@ def test_trainer_components_equal_the_functions_on_what_the_models_compute(tmp_p
         t_qkv, t_last = qkv_by_hand(teacher, inputs, 3)
     mask = batch["attention_mask"].bool()
     expected = minilm_relation_loss(s_qkv, t_qkv, mask, 4)
-    assert trainer._component_sums["attention_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.meter.sums["attention_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     if kind == "rkd":
         s_emb, t_emb = s_last[:, 0], t_last[:, 0]  # [CLS]: right padding, so the first token
         expected = rkd_distance_loss(s_emb, t_emb) + 2 * rkd_angle_loss(s_emb, t_emb)
     else:
         s_emb, t_emb = pool_examples(s_last, mask, "mean"), pool_examples(t_last, mask, "mean")
         expected = batch_similarity_loss(s_emb, t_emb)
-    assert trainer._component_sums["relation_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer.meter.sums["relation_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_minilm_and_relations_train_log_decrease_and_leave_no_hook(tmp_path):
@@ -358,7 +358,7 @@ def test_minilm_and_relations_train_log_decrease_and_leave_no_hook(tmp_path):
     for model in (student, teacher):
         assert not [h for hooks in forward_hooks(model).values() for group in hooks for h in group
                     if getattr(h, "__module__", "") == "hf_kd.relations"]
-        for trio in trainer._minilm_modules["student" if model is student else "teacher"].values():
+        for trio in trainer.plan.minilm_modules["student" if model is student else "teacher"].values():
             assert all(not m._forward_hooks for m in trio)
     assert math.isfinite(trainer.evaluate()["eval_loss"])
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())

@@ -18,7 +18,8 @@ from test_trainer import ALL_TASKS, make_args, task_pair
 from transformers import BertForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.trainer import KD_CONFIG_NAME, InputError, NonFiniteLossError
+from hf_kd import InputError, NonFiniteLossError
+from hf_kd.distill.checkpoint import KD_CONFIG_NAME
 
 
 def _dataset(task="sequence_classification", n=8, **kw):
@@ -235,7 +236,7 @@ def test_skip_drops_the_nonfinite_batch_and_goes_on(tmp_path, caplog):
             before[state.global_step] = {k: v.clone() for k, v in student.state_dict().items()}
 
     trainer.add_callback(Snap())
-    with caplog.at_level("WARNING", logger="hf_kd.trainer"):
+    with caplog.at_level("WARNING", logger="hf_kd.distill.nonfinite"):
         trainer.train()
     assert trainer.skipped_steps == [(2, "kd_loss")]
     assert "non-finite kd_loss at step 2" in caplog.text

@@ -13,7 +13,7 @@ from conftest import ListDataset, make_bert, random_batch, rows_from_batch
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
 from hf_kd.schedules import schedule_value
-from hf_kd.trainer import KD_CONFIG_NAME
+from hf_kd.distill.checkpoint import KD_CONFIG_NAME, check_resume
 
 
 def make_args(tmp_path, **kw):
@@ -145,7 +145,7 @@ def test_a_checkpoint_resumes_only_with_its_schedule(tmp_path):
     saved = json.load(open(os.path.join(checkpoint, KD_CONFIG_NAME)))
     assert saved["loss"]["temperature_schedule"] == "linear" and saved["loss"]["temperature_end"] == 1.0
     same, _, _ = _trainer(tmp_path, max_steps=2, temperature_schedule="linear", temperature_end=1.0)
-    same._check_resume(checkpoint)  # no error
+    check_resume(checkpoint, same.checkpoint_signature())  # no error
     for changes, diff in [
         ({"temperature_schedule": "linear", "temperature_end": 1.5}, "loss.temperature_end: checkpoint 1.0, now 1.5"),
         ({}, "loss.temperature_schedule: checkpoint 'linear', now None"),
@@ -154,12 +154,12 @@ def test_a_checkpoint_resumes_only_with_its_schedule(tmp_path):
     ]:
         other, _, _ = _trainer(tmp_path, max_steps=2, **changes)
         with pytest.raises(InputError, match=diff.replace(".", r"\.").replace("(", r"\(")):
-            other._check_resume(checkpoint)
+            check_resume(checkpoint, other.checkpoint_signature())
 
 
 def test_constant_runs_keep_the_signature_of_checkpoints_made_before_schedules(tmp_path):
     trainer, _, _ = _trainer(tmp_path, max_steps=2)
-    assert not any("schedule" in k or k.endswith("_end") for k in trainer._run_signature()["loss"])
+    assert not any("schedule" in k or k.endswith("_end") for k in trainer.checkpoint_signature()["loss"])
 
 
 def test_the_model_card_states_the_schedule(tmp_path):

@@ -34,7 +34,7 @@ from transformers import (
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import main
 from hf_kd.task_data import TaskArguments, prepare
-from hf_kd.trainer import InputError
+from hf_kd import InputError
 
 VOCAB = 64
 PAD = 0
@@ -289,7 +289,7 @@ def test_seq2seq_hidden_and_attention_losses_use_each_stacks_map_and_mask(tmp_pa
         decoder_layer_map=[[1, 1], [2, 4]],
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
-    assert trainer.hidden_pairs == [(1, 2), (2, 3)] and trainer.decoder_hidden_pairs == [(1, 1), (2, 4)]
+    assert trainer.plan.hidden_pairs == [(1, 2), (2, 3)] and trainer.plan.decoder_hidden_pairs == [(1, 1), (2, 4)]
     assert len(trainer.projections) == 4  # widths 8 -> 16: one per pair, the encoder's first
     batch = seq2seq_batch()
     student.train()
@@ -298,9 +298,9 @@ def test_seq2seq_hidden_and_attention_losses_use_each_stacks_map_and_mask(tmp_pa
         student, teacher, batch, trainer.projections, [(1, 2), (2, 3)], [(1, 1), (2, 4)], [(1, 2), (2, 3)],
         [(1, 1), (2, 4)],
     )
-    assert torch.allclose(trainer._component_sums["hidden_loss"], hidden, rtol=1e-5)
-    assert torch.allclose(trainer._component_sums["attention_loss"], attn, rtol=1e-5)
-    assert torch.allclose(loss, hidden + attn + trainer._component_sums["ce_loss"], rtol=1e-5)  # alpha = 0
+    assert torch.allclose(trainer.meter.sums["hidden_loss"], hidden, rtol=1e-5)
+    assert torch.allclose(trainer.meter.sums["attention_loss"], attn, rtol=1e-5)
+    assert torch.allclose(loss, hidden + attn + trainer.meter.sums["ce_loss"], rtol=1e-5)  # alpha = 0
 
 
 def test_changing_the_decoder_layer_map_changes_the_hidden_loss_only(tmp_path):
@@ -312,7 +312,7 @@ def test_changing_the_decoder_layer_map_changes_the_hidden_loss_only(tmp_path):
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
         student.train()
         trainer.compute_loss(student, dict(batch))
-        results[name] = (trainer.hidden_pairs, trainer.decoder_hidden_pairs, dict(trainer._component_sums))
+        results[name] = (trainer.plan.hidden_pairs, trainer.plan.decoder_hidden_pairs, dict(trainer.meter.sums))
     (enc_a, dec_a, a), (enc_b, dec_b, b) = results["last"], results["first"]
     assert enc_a == enc_b == [(1, 2), (2, 3)]  # uniform: 2 -> 3 encoder layers
     assert dec_a == [(2, 4)] and dec_b == [(1, 1), (2, 1)]
@@ -365,9 +365,9 @@ def test_decoder_depths_come_from_each_config(tmp_path):
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher, args=make_args(tmp_path, hidden_weight=1.0, attention_weight=1.0)
         )
-        assert trainer.hidden_pairs == [(1, 2), (2, 3)], arch  # encoders: 2 -> 3 layers
-        assert trainer.decoder_hidden_pairs == [(1, 2), (2, 4)], arch  # decoders: 2 -> 4 layers
-        assert trainer.attention_pairs == [(1, 2), (2, 3)] and trainer.decoder_attention_pairs == [(1, 2), (2, 4)]
+        assert trainer.plan.hidden_pairs == [(1, 2), (2, 3)], arch  # encoders: 2 -> 3 layers
+        assert trainer.plan.decoder_hidden_pairs == [(1, 2), (2, 4)], arch  # decoders: 2 -> 4 layers
+        assert trainer.plan.attention_pairs == [(1, 2), (2, 3)] and trainer.plan.decoder_attention_pairs == [(1, 2), (2, 4)]
 
 
 def test_decoder_layer_map_outside_the_decoders_is_refused(tmp_path):

@@ -239,7 +239,7 @@ def test_cached_step_through_the_head_equals_the_full_logit_cached_step(tmp_path
                    tc.load_cached_dataset(path), pad_collator)
     trainer = train_one_step(student, None, make_args(tmp_path / "head", teacher_cache=str(path), logit_chunk_size=5,
                                                       **kw), tc.load_cached_dataset(path), pad_collator)
-    assert trainer._head_route is True
+    assert trainer.head_route.active is True
     assert positions[1:] == [1] * (len(positions) - 1) and positions[0] > 1  # the first batch checks the head once
     assert_same_weights(student, full, atol=1e-5)
     assert any(not torch.equal(p, q) for p, q in zip(full.parameters(), make_llama(layers=2, hidden=8, heads=2,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.trainer import PROJECTIONS_NAME
+from hf_kd.distill.projections import PROJECTIONS_NAME
 
 
 def make_args(tmp_path, **kw):
@@ -125,7 +125,7 @@ def test_ce_term_is_absent_without_labels(tmp_path, tiny_pair):
     t = teacher(**batch).logits
     kd = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
     assert torch.allclose(loss, 0.4 * 4 * kd, rtol=1e-5)
-    assert "ce_loss" not in trainer._component_sums
+    assert "ce_loss" not in trainer.meter.sums
 
 
 def test_unlabelled_rows_train_on_the_teacher_alone(tmp_path, tiny_pair):

@@ -8,9 +8,12 @@ import os
 import torch
 from transformers import AutoTokenizer
 
-from .. import adapters, distributed
+from .. import adapters, distributed, teacher_cache
 from ..config import DistillationConfig
 from ..errors import InputError
+from ..tasks import unwrap
+from .plan import LossPlan, build_plan
+from .teacher_set import TeacherSet, load_teachers, teacher_folder
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,16 @@ def check_arguments(model, teacher_model, args, kwargs: dict) -> None:
         )
     if kwargs.get("model_init") is not None:
         raise ValueError("model_init is not supported by DistillationTrainer: pass the student as model.")
+
+
+def check_launch(world_size: int) -> None:
+    """Processes that would each train alone are refused; a single CPU process that could be several gets a hint."""
+    problem = distributed.launch_problem(world_size)  # args.world_size sets up the processes
+    if problem:
+        raise InputError(problem)
+    hint = distributed.single_cpu_launch_hint(world_size)
+    if hint:
+        logger.warning(hint)
 
 
 def fail_together(error: BaseException | None, world_size: int) -> None:
@@ -187,3 +200,22 @@ def check_dataset(dataset, student, teacher, task: str) -> None:
     problems = [p for p in (_length_problem(get, student, teacher), _label_problem(get, student, task)) if p]
     if problems:
         raise InputError("Cannot train on this data:\n  - " + "\n  - ".join(problems))
+
+
+def start(student, sources: list, args: DistillationConfig, task: str, teacher_tokenizer, train_dataset,
+          processing_class) -> tuple[TeacherSet, LossPlan]:
+    """The teachers and the loss plan of a run, after every start-up check; `student` is the transformers model."""
+    if args.teacher_cache is not None:  # the teacher's outputs are read from disk: no teacher at all
+        meta = teacher_cache.read_cache_metadata(args.teacher_cache)
+        pairs = teacher_cache.check_cache(meta, args.teacher_cache, args, task, student, train_dataset)
+        check_dataset(train_dataset, student, None, task)
+        return TeacherSet([], sources, args.teacher_weights, meta, args.teacher_cache), LossPlan(args, pairs)
+    loaded = load_teachers(sources, args, task)
+    for source, teacher in reversed(list(zip(sources, loaded))):  # the first last: its plan is kept
+        plan = build_plan(student, unwrap(teacher), args, task)
+        check_placement(student, unwrap(teacher))
+        folder = teacher_folder(source)
+        tokenizer = teacher_tokenizer if teacher_tokenizer is not None or not folder else load_tokenizer(folder)
+        check_tokenizers(processing_class, tokenizer)
+        check_dataset(train_dataset, student, unwrap(teacher), task)
+    return TeacherSet(loaded, sources, args.teacher_weights), plan
