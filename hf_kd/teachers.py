@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from . import adapters
 from .errors import InputError
