@@ -34,7 +34,12 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+import torch
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .version import __version__
 
 __all__ = [
     "CARD_NAME",
@@ -201,8 +206,6 @@ def weights_sha256(model_or_state_dict) -> str:
     Independent of the file format, sharding and device, so the teacher named in a card can be checked:
     ``weights_sha256(AutoModelForSequenceClassification.from_pretrained(teacher))``.
     """
-    import torch
-
     digest = hashlib.sha256()
     state = _state_dict(model_or_state_dict)
     for name in sorted(state):
@@ -552,8 +555,6 @@ def _reproduce_section(record: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------- the push
 def failure_reason(err: BaseException) -> tuple[str, str]:
     """A one-line reason and a hint for a failed Hub call."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-
     reason = f"{type(err).__name__}: {err}".strip().splitlines()[0]
     if isinstance(err, OfflineModeIsEnabled):
         return reason, "HF_HUB_OFFLINE=1 is set, so the Hub is out of reach: unset it on a machine with network."
@@ -566,8 +567,6 @@ def failure_reason(err: BaseException) -> tuple[str, str]:
         return reason, "The Hub answered with an error; check the repo id and your rights on it."
     kind = type(err).__name__.lower()  # httpx's ConnectError & co. are not OSErrors
     if isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(w in kind for w in ("connect", "timeout", "network")):
-        from huggingface_hub import constants
-
         return reason, f"The Hub ({constants.ENDPOINT}) cannot be reached: check the network (and HF_ENDPOINT)."
     return reason, "Check the network connection, the repo id and your login (`hf auth login`)."
 
@@ -627,8 +626,6 @@ def push_student(
     when the folder is not a saved hf_kd student, and with the reason and the retry command when
     the Hub cannot be reached or refuses.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     folder = Path(folder)
     try:
         validate_repo_id(repo_id)
@@ -644,8 +641,6 @@ def push_student(
     else:
         card = render_card(read_provenance(folder), model_name=repo_id.split("/")[-1])
         operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
-
-    from .version import __version__
 
     api = api or HfApi(library_name="hf_kd", library_version=__version__)
     try:
