@@ -148,12 +148,12 @@ def _safe_log_softmax(z: Tensor, class_mask: Optional[Tensor]) -> Tensor:
 
 def _divergence_terms(log_pt: Tensor, log_ps: Tensor, kind: str, jsd_beta: float) -> Tensor:
     """Per-class terms of the divergence ``kind`` between two log-distributions (finite, fp32); sum them."""
+    if kind == "forward_kl":
+        return log_pt.exp() * (log_pt - log_ps)  # (..., C)
+    if kind == "reverse_kl":
+        return log_ps.exp() * (log_ps - log_pt)  # (..., C)
     ps = log_ps.exp()  # (..., C)
     pt = log_pt.exp()  # (..., C)
-    if kind == "forward_kl":
-        return pt * (log_pt - log_ps)  # (..., C)
-    if kind == "reverse_kl":
-        return ps * (log_ps - log_pt)  # (..., C)
     beta = float(jsd_beta)  # jsd
     log_m = torch.logsumexp(
         torch.stack([log_pt + math.log(beta), log_ps + math.log1p(-beta)]),  # (2, ..., C)
