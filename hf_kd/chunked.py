@@ -403,17 +403,13 @@ class _HeadGrads:
             self.b += g.sum(0).float()
 
     def add(self, rows, grads) -> None:
-        """Add a chunk's gradients from autograd, in the order hidden, weight, bias (those wanted)."""
-        for name in ("h", "w", "b"):
-            if getattr(self, name) is None:
-                continue
-            g = next(grads)
-            if g is None:
-                continue
-            if name == "h":
-                self.h[rows] = g.to(self.h.dtype)
-            else:
-                getattr(self, name).add_(g)
+        """Add a chunk's gradients from autograd: one for each gradient kept (hidden, weight, bias), None if unused."""
+        if self.h is not None and (g := next(grads)) is not None:
+            self.h[rows] = g.to(self.h.dtype)
+        if self.w is not None and (g := next(grads)) is not None:
+            self.w += g
+        if self.b is not None and (g := next(grads)) is not None:
+            self.b += g
 
     def saved(self, s_weight: Tensor, s_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """The three gradients in the parameters' dtypes for `save_for_backward` (empty where not computed)."""
