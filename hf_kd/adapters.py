@@ -10,7 +10,8 @@
 - `merged_copy`: the final save of ``merge_adapter_on_save=True``: a copy of the student with the adapter
   merged, a plain Transformers model; the student being trained keeps its adapter.
 
-peft is imported lazily: hf_kd works without it unless one of these is used.
+peft is a dependency of hf_kd; transformers' trainer utilities import it already, so importing it here at the top
+adds no time to `import hf_kd`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import enum
 import json
 import os
 from typing import Any
+
+import peft
+from peft import PeftConfig, PeftModel, get_peft_model
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
@@ -34,10 +38,6 @@ PEFT_TASK_TYPES = {
 
 
 def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
     return isinstance(model, PeftModel)
 
 
@@ -75,10 +75,6 @@ def peft_config_dict(value) -> dict:
 
 def build_peft_config(config: dict, task: str | None = None):
     """The `peft.PeftConfig` of ``config`` (``peft_type`` LORA unless given; ``task_type`` the task's unless given)."""
-    try:
-        import peft
-    except ImportError as err:
-        raise ValueError("peft_config needs the peft package: pip install peft.") from err
     config = dict(config)
     config.setdefault("peft_type", "LORA")
     if config.get("task_type") is None and task in PEFT_TASK_TYPES:
@@ -103,8 +99,6 @@ def wrap_student(model, peft_config: dict | None, task: str):
     """
     if peft_config is None:
         return model
-    from peft import get_peft_model
-
     return get_peft_model(model, build_peft_config(peft_config, task))
 
 
@@ -118,8 +112,6 @@ def load_adapter_teacher(folder: str, task: str, auto_cls):
     Returns ``(model, problem)``: ``problem`` is a message (the caller raises it) when the base cannot be
     loaded or has no trained weights for the task head and the adapter does not provide them.
     """
-    from peft import PeftConfig, PeftModel
-
     config = PeftConfig.from_pretrained(folder)
     base_name = config.base_model_name_or_path
     if not base_name:

@@ -30,11 +30,16 @@ from torch.nn import functional as F
 
 from .losses import (
     F32_MIN,
+    F32_TINY,
     KD_LOSSES,
     Normalizer,
     _check_kind,
+    _denominator,
     _valid_mask,
     check_logit_loss_args,
+    check_softening,
+    check_topk_classes,
+    check_topk_kind,
     cross_entropy_loss,
     logit_distillation_loss,
     topk_distillation_loss,
@@ -74,13 +79,6 @@ def _check_chunk(chunk_size: int) -> int:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
-
-
-def _denominator(normalizer: Normalizer, count: Tensor, device) -> Tensor:
-    """The whole call's denominator, as `losses._reduce` computes it (the clamp happens there again)."""
-    if normalizer is not None:
-        return torch.as_tensor(normalizer, dtype=_F32, device=device)
-    return count.to(device=device, dtype=_F32)
 
 
 def _rows(valid: Tensor) -> tuple[Tensor, ...]:
@@ -288,7 +286,7 @@ def _topk_kl(zs_T: Tensor, ps: Tensor, lse_s: Tensor, target: TopK, temperature:
         mass = rest.sub_(m[:, None]).exp_().sum(-1)  # (t,)
         log_p_rest[tiny] = mass.log() + m - lse_s[tiny]
         # the rest bucket's gradient p_v / P over the classes outside the top k, from log space (p_v underflows)
-        fix = (tiny, rest.div_(mass.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), q_rest[tiny])
+        fix = (tiny, rest.div_(mass.clamp_min(F32_TINY)[:, None]), q_rest[tiny])
     log_p_rest = log_p_rest.clamp_min(F32_MIN)  # (c,)
     per_row = (q * (log_q - log_ps_top)).sum(-1) + q_rest * (log_q_rest - log_p_rest)  # (c,)
     big_q = q.sum(-1) + q_rest  # (c,)
@@ -356,104 +354,150 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
     return g, kd, ce
 
 
+@dataclass
+class _HeadCall:
+    """What `linear_head_loss` hands `_LinearHeadLoss`: the rows either term uses, the masks, labels and
+    denominators, the weights (None = no such term) and settings, and a top-k teacher with its row per position."""
+
+    index: tuple[Tensor, ...]
+    kd_valid: Tensor  # (...) bool
+    labels: Tensor  # (...) with -100 where there is no label
+    kd_denom: Tensor
+    ce_denom: Tensor
+    kd_weight: Optional[float]
+    ce_weight: Optional[float]
+    kind: str
+    temperature: float
+    jsd_beta: float
+    chunk_size: int
+    s_dtype: Optional[torch.dtype]
+    t_dtype: Optional[torch.dtype]
+    topk: Optional[TopK]
+    topk_row: Optional[Tensor]  # (...): the top-k teacher's row of each position, -1 before the first
+
+    def teacher_topk(self, rows: tuple[Tensor, ...]) -> TopK:
+        """This chunk's rows of the stored top-k teacher (rows without one read any row)."""
+        return self.topk.take(self.topk_row[rows].clamp_min(0))
+
+
+class _HeadGrads:
+    """The gradients w.r.t. the student's hidden states, head weight and bias that the forward pass computes: each
+    hidden row written once, (..., D); the weight's and bias's summed over the chunks in fp32."""
+
+    def __init__(self, s_hidden: Tensor, w: Tensor, b: Optional[Tensor], needs: tuple[bool, ...]):
+        device = s_hidden.device
+        self.h = torch.zeros_like(s_hidden) if needs[0] else None  # (..., D)
+        self.w = torch.zeros(w.shape, dtype=_F32, device=device) if needs[1] else None  # (V, D)
+        self.b = torch.zeros(b.shape, dtype=_F32, device=device) if b is not None and needs[2] else None
+
+    def add_logit_grad(self, rows, g: Tensor, h: Tensor, w: Tensor) -> None:
+        """Add a chunk's gradient ``g`` (c, V) w.r.t. its logits ``h @ w.T + b``, in the head's compute dtype."""
+        if self.h is not None:
+            self.h[rows] = (g @ w).to(self.h.dtype)  # (c, D)
+        if self.w is not None:
+            if w.dtype == _F32:
+                self.w.addmm_(g.T, h.to(_F32))  # (V, D), in place
+            else:
+                self.w += (g.T @ h.to(g.dtype)).float()
+        if self.b is not None:
+            self.b += g.sum(0).float()
+
+    def add(self, rows, grads) -> None:
+        """Add a chunk's gradients from autograd: one for each gradient kept (hidden, weight, bias), None if unused."""
+        if self.h is not None and (g := next(grads)) is not None:
+            self.h[rows] = g.to(self.h.dtype)
+        if self.w is not None and (g := next(grads)) is not None:
+            self.w += g
+        if self.b is not None and (g := next(grads)) is not None:
+            self.b += g
+
+    def saved(self, s_weight: Tensor, s_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The three gradients in the parameters' dtypes for `save_for_backward` (empty where not computed)."""
+        return (
+            self.h if self.h is not None else torch.empty(0),
+            self.w.to(s_weight.dtype) if self.w is not None else torch.empty(0),
+            self.b.to(s_bias.dtype) if self.b is not None else torch.empty(0),
+        )
+
+
+@torch.no_grad()
+def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads, ws: _Workspace):
+    """One chunk with `_kl_ce_chunk`'s closed-form gradient (forward KL and/or CE): no autograd graph.
+    Returns the chunk's (kd, ce)."""
+    zt = call.teacher_topk(rows) if call.topk is not None else None
+    h = s_hidden[rows]  # (c, D)
+    c = h.shape[0]
+    z = _head_logits_into(ws.get("z", c), h, w, b, call.s_dtype)  # (c, V) fp32
+    if call.kd_weight is not None and call.topk is None:
+        t_hidden, tw, tb = teacher
+        zt = _head_logits_into(ws.get("zt", c), t_hidden[rows], tw, tb, call.t_dtype)
+    g, kd, ce = _kl_ce_chunk(z, zt, call.kd_valid[rows], call.labels[rows], call.kd_denom, call.ce_denom,
+                             call.kd_weight, call.ce_weight, call.temperature, ws)  # (c, V) fp32
+    if g.dtype != w.dtype:  # the backward matmuls in the head's compute dtype, as autograd's
+        g = g.to(w.dtype)
+    grads.add_logit_grad(rows, g, h, w)
+    return kd, ce
+
+
+def _autograd_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads):
+    """One chunk through autograd (reverse KL, JSD, MSE: a distillation term is there). Returns (kd, ce),
+    detached; ce is None without a CE term. The chunk's (c, V) tensors go when it returns."""
+    if call.topk is not None:
+        zt = call.teacher_topk(rows)
+    else:
+        t_hidden, tw, tb = teacher
+        with torch.no_grad():
+            zt = _logits(t_hidden[rows], tw, tb, call.t_dtype)  # (c, V)
+    settings = dict(kind=call.kind, temperature=call.temperature, jsd_beta=call.jsd_beta, normalizer=call.kd_denom)
+    ce = None
+    with torch.enable_grad():
+        h = s_hidden[rows].detach().requires_grad_(grads.h is not None)  # (c, D)
+        zs = _logits(h, w, b, call.s_dtype)  # (c, V)
+        loss = torch.zeros((), dtype=_F32, device=s_hidden.device)
+        if call.topk is not None:
+            kd = topk_distillation_loss(zs, zt.ids, zt.logits, zt.logsumexp, zt.rest_logprob, call.kd_valid[rows],
+                                        **settings)
+        else:
+            kd = logit_distillation_loss(zs, zt, call.kd_valid[rows], **settings)
+        loss = loss + call.kd_weight * kd
+        if call.ce_weight is not None:
+            ce = cross_entropy_loss(zs, call.labels[rows], normalizer=call.ce_denom)
+            loss = loss + call.ce_weight * ce
+        wanted = [x for x, grad in ((h, grads.h), (w, grads.w), (b, grads.b)) if grad is not None]
+        found = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
+    grads.add(rows, iter(found))
+    return kd.detach(), None if ce is None else ce.detach()
+
+
 class _LinearHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, settings):
-        (index, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight,
-         kind, temperature, jsd_beta, chunk_size, s_dtype, t_dtype, topk, topk_row) = settings
-        n = index[0].numel() if index else 0
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, call: _HeadCall):
+        n = call.index[0].numel() if call.index else 0
         device = s_hidden.device
         needs = ctx.needs_input_grad
         # The head in its compute dtype (autocast's dtype when the model ran under it), cast once.
-        w = s_weight.detach().to(s_dtype or s_weight.dtype).requires_grad_(needs[1])
-        b = None if s_bias is None else s_bias.detach().to(s_dtype or s_bias.dtype).requires_grad_(needs[2])
-        tw = t_weight.detach().to(t_dtype or t_weight.dtype)
-        tb = None if t_bias is None else t_bias.detach().to(t_dtype or t_bias.dtype)
-        grad_h = torch.zeros_like(s_hidden) if needs[0] else None  # (..., D): each row is written once
-        grad_w = torch.zeros(w.shape, dtype=_F32, device=device) if needs[1] else None  # (V, D) summed over chunks
-        grad_b = torch.zeros(b.shape, dtype=_F32, device=device) if b is not None and needs[2] else None
+        w = s_weight.detach().to(call.s_dtype or s_weight.dtype).requires_grad_(needs[1])
+        b = None if s_bias is None else s_bias.detach().to(call.s_dtype or s_bias.dtype).requires_grad_(needs[2])
+        tw = t_weight.detach().to(call.t_dtype or t_weight.dtype)
+        tb = None if t_bias is None else t_bias.detach().to(call.t_dtype or t_bias.dtype)
+        grads = _HeadGrads(s_hidden, w, b, needs)
         kd_sum = torch.zeros((), dtype=_F32, device=device)
         ce_sum = torch.zeros((), dtype=_F32, device=device)
-        ws = None  # the closed form's (chunk, V) buffers, made at the first chunk
-        for start in range(0, n, chunk_size):
-            rows = _take(index, start, start + chunk_size)
-            if kd_weight is None:
-                zt = None
-            elif topk is not None:  # this chunk's rows of the stored top-k teacher (rows without one: any row)
-                zt = topk.take(topk_row[rows].clamp_min(0))
-            elif kind != "forward_kl":
-                with torch.no_grad():
-                    zt = _logits(t_hidden[rows], tw, tb, t_dtype)  # (c, V)
-            if kind == "forward_kl" or kd_weight is None:  # closed-form gradient: no autograd graph per chunk
-                with torch.no_grad():
-                    if ws is None:
-                        ws = _Workspace(min(chunk_size, n), w.shape[0], device)
-                    h = s_hidden[rows]  # (c, D)
-                    c = h.shape[0]
-                    z = _head_logits_into(ws.get("z", c), h, w, b, s_dtype)  # (c, V) fp32
-                    if kd_weight is not None and topk is None:
-                        zt = _head_logits_into(ws.get("zt", c), t_hidden[rows], tw, tb, t_dtype)
-                    g, kd, ce = _kl_ce_chunk(z, zt, kd_valid[rows], labels[rows], kd_denom, ce_denom,
-                                             kd_weight, ce_weight, temperature, ws)  # (c, V) fp32
-                    kd_sum += kd
-                    ce_sum += ce
-                    if g.dtype != w.dtype:  # the backward matmuls in the head's compute dtype, as autograd's
-                        g = g.to(w.dtype)
-                    if needs[0]:
-                        grad_h[rows] = (g @ w).to(grad_h.dtype)  # (c, D)
-                    if needs[1]:
-                        if w.dtype == _F32:
-                            grad_w.addmm_(g.T, h.to(_F32))  # (V, D), in place
-                        else:
-                            grad_w += (g.T @ h.to(g.dtype)).float()
-                    if grad_b is not None:
-                        grad_b += g.sum(0).float()
-                del z, zt, g
-                continue
-            with torch.enable_grad():
-                h = s_hidden[rows].detach().requires_grad_(needs[0])  # (c, D)
-                zs = _logits(h, w, b, s_dtype)  # (c, V)
-                loss = torch.zeros((), dtype=_F32, device=device)
-                if kd_weight is not None and topk is not None:
-                    kd = topk_distillation_loss(
-                        zs, zt.ids, zt.logits, zt.logsumexp, zt.rest_logprob, kd_valid[rows], kind=kind,
-                        temperature=temperature, jsd_beta=jsd_beta, normalizer=kd_denom,
-                    )
-                elif kd_weight is not None:
-                    kd = logit_distillation_loss(
-                        zs, zt, kd_valid[rows], kind=kind, temperature=temperature, jsd_beta=jsd_beta,
-                        normalizer=kd_denom,
-                    )
-                if kd_weight is not None:
-                    kd_sum += kd.detach()
-                    loss = loss + kd_weight * kd
-                if ce_weight is not None:
-                    ce = cross_entropy_loss(zs, labels[rows], normalizer=ce_denom)
-                    ce_sum += ce.detach()
-                    loss = loss + ce_weight * ce
-                wanted = [x for x, need in ((h, needs[0]), (w, needs[1]), (b, needs[2])) if x is not None and need]
-                grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ())
-            if needs[0]:
-                g = next(grads)
-                if g is not None:
-                    grad_h[rows] = g.to(grad_h.dtype)
-            if needs[1]:
-                g = next(grads)
-                if g is not None:
-                    grad_w += g
-            if grad_b is not None:
-                g = next(grads)
-                if g is not None:
-                    grad_b += g
-            del zs, zt, loss  # this chunk's (c, V) tensors go before the next chunk's are made
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else torch.empty(0),
-            grad_w.to(s_weight.dtype) if grad_w is not None else torch.empty(0),
-            grad_b.to(s_bias.dtype) if grad_b is not None else torch.empty(0),
-        )
-        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+        closed_form = call.kind == "forward_kl" or call.kd_weight is None  # no autograd graph per chunk
+        ws = _Workspace(min(call.chunk_size, n), w.shape[0], device)  # closed form's (chunk, V) buffers, made on use
+        for start in range(0, n, call.chunk_size):
+            rows = _take(call.index, start, start + call.chunk_size)
+            if closed_form:
+                kd, ce = _closed_form_chunk(rows, s_hidden, w, b, (t_hidden, tw, tb), call, grads, ws)
+            else:
+                kd, ce = _autograd_chunk(rows, s_hidden, w, b, (t_hidden, tw, tb), call, grads)
+            kd_sum += kd
+            if ce is not None:
+                ce_sum += ce
+        ctx.save_for_backward(*grads.saved(s_weight, s_bias))
+        ctx.has = (grads.h is not None, grads.w is not None, grads.b is not None)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return kd_sum * (kd_weight or 0.0) + ce_sum * (ce_weight or 0.0), kd_sum, ce_sum
+        return kd_sum * (call.kd_weight or 0.0) + ce_sum * (call.ce_weight or 0.0), kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
@@ -461,6 +505,59 @@ class _LinearHeadLoss(torch.autograd.Function):
         stored = ctx.saved_tensors
         out = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(stored, ctx.has)]
         return out[0], out[1], out[2], None, None, None, None
+
+
+def _check_head_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_topk,
+                     kd_weight, ce_weight, kind, temperature, jsd_beta) -> None:
+    """`linear_head_loss`'s refusals: a term without its inputs, a teacher given twice, shapes that disagree."""
+    if kd_weight is None and ce_weight is None:
+        raise ValueError("linear_head_loss needs kd_weight or ce_weight (or both)")
+    if kd_weight is not None:
+        _check_kind(kind, KD_LOSSES, "logit distillation")
+        if teacher_topk is not None:
+            if teacher_hidden is not None or teacher_weight is not None:
+                raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_topk, not both")
+            check_topk_kind(kind)
+        elif teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the distillation term (kd_weight) needs teacher_hidden and teacher_weight")
+        elif teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"teacher hidden {tuple(teacher_hidden.shape)} and student hidden {tuple(student_hidden.shape)} "
+                "must have the same leading shape"
+            )
+        if teacher_weight is not None and teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(
+                f"teacher head has {teacher_weight.shape[0]} outputs and student head {student_weight.shape[0]}; "
+                "distillation needs the same vocabulary"
+            )
+        check_softening(kind, temperature, jsd_beta)
+    if ce_weight is not None:
+        if labels is None:
+            raise ValueError("the cross-entropy term (ce_weight) needs labels")
+        if labels.shape != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape "
+                f"{tuple(student_hidden.shape[:-1])}"
+            )
+
+
+def _topk_rows(teacher_topk: TopK, kd_valid: Tensor, num_classes: int) -> tuple[TopK, Tensor]:
+    """A top-k teacher checked against the mask (one row per position) and on the mask's device, and the row of
+    each position, (...) (-1 before the first)."""
+    n_kd = int(kd_valid.sum())
+    k = teacher_topk.ids.shape[-1]
+    if teacher_topk.ids.shape != (n_kd, k) or teacher_topk.logits.shape != (n_kd, k) or \
+            teacher_topk.logsumexp.shape != (n_kd,) or teacher_topk.rest_logprob.shape != (n_kd,):
+        raise ValueError(
+            f"teacher_topk holds {tuple(teacher_topk.ids.shape)} ids, {tuple(teacher_topk.logits.shape)} logits, "
+            f"{tuple(teacher_topk.logsumexp.shape)} and {tuple(teacher_topk.rest_logprob.shape)} row values; the "
+            f"mask has {n_kd} positions: one row (k ids and logits, one logsumexp and rest) per position"
+        )
+    check_topk_classes(k, num_classes)
+    device = kd_valid.device
+    topk = TopK(*(x.to(device) for x in (teacher_topk.ids, teacher_topk.logits, teacher_topk.logsumexp,
+                                          teacher_topk.rest_logprob)))
+    return topk, torch.cumsum(kd_valid.reshape(-1).long(), 0).reshape(kd_valid.shape) - 1
 
 
 def linear_head_loss(
@@ -506,40 +603,8 @@ def linear_head_loss(
     them); the distillation term is then `topk_distillation_loss` (not ``mse``).
     """
     _check_chunk(chunk_size)
-    if kd_weight is None and ce_weight is None:
-        raise ValueError("linear_head_loss needs kd_weight or ce_weight (or both)")
-    if kd_weight is not None:
-        _check_kind(kind, KD_LOSSES, "logit distillation")
-        if teacher_topk is not None:
-            if teacher_hidden is not None or teacher_weight is not None:
-                raise ValueError("give the teacher as teacher_hidden + teacher_weight or as teacher_topk, not both")
-            if kind == "mse":
-                raise ValueError("kd_loss='mse' compares every raw logit; a top-k teacher cannot give it. Use "
-                                 "forward_kl, reverse_kl or jsd.")
-        elif teacher_hidden is None or teacher_weight is None:
-            raise ValueError("the distillation term (kd_weight) needs teacher_hidden and teacher_weight")
-        elif teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-            raise ValueError(
-                f"teacher hidden {tuple(teacher_hidden.shape)} and student hidden {tuple(student_hidden.shape)} "
-                "must have the same leading shape"
-            )
-        if teacher_weight is not None and teacher_weight.shape[0] != student_weight.shape[0]:
-            raise ValueError(
-                f"teacher head has {teacher_weight.shape[0]} outputs and student head {student_weight.shape[0]}; "
-                "distillation needs the same vocabulary"
-            )
-        if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
-            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
-        if kind != "mse" and not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-    if ce_weight is not None:
-        if labels is None:
-            raise ValueError("the cross-entropy term (ce_weight) needs labels")
-        if labels.shape != student_hidden.shape[:-1]:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape "
-                f"{tuple(student_hidden.shape[:-1])}"
-            )
+    _check_head_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_topk,
+                     kd_weight, ce_weight, kind, temperature, jsd_beta)
     device = student_hidden.device
     lead = student_hidden.shape[:-1]
     kd_valid = _valid_mask(mask, lead, device) if kd_weight is not None else torch.zeros(lead, dtype=torch.bool, device=device)
@@ -551,35 +616,20 @@ def linear_head_loss(
     else:
         ce_valid = torch.zeros(lead, dtype=torch.bool, device=device)
         labels = torch.full(lead, -100, dtype=torch.long, device=device)
-    index = _rows(kd_valid | ce_valid)  # positions either term uses; the others are never touched
-    topk_row = None
+    topk, topk_row = None, None
     if kd_weight is not None and teacher_topk is not None:
-        n_kd = int(kd_valid.sum())
-        k = teacher_topk.ids.shape[-1]
-        if teacher_topk.ids.shape != (n_kd, k) or teacher_topk.logits.shape != (n_kd, k) or \
-                teacher_topk.logsumexp.shape != (n_kd,) or teacher_topk.rest_logprob.shape != (n_kd,):
-            raise ValueError(
-                f"teacher_topk holds {tuple(teacher_topk.ids.shape)} ids, {tuple(teacher_topk.logits.shape)} logits, "
-                f"{tuple(teacher_topk.logsumexp.shape)} and {tuple(teacher_topk.rest_logprob.shape)} row values; the "
-                f"mask has {n_kd} positions: one row (k ids and logits, one logsumexp and rest) per position"
-            )
-        if k > student_weight.shape[0]:
-            raise ValueError(f"k={k} top-k classes but the student has only {student_weight.shape[0]} classes")
-        teacher_topk = TopK(*(x.to(device) for x in (teacher_topk.ids, teacher_topk.logits, teacher_topk.logsumexp,
-                                                      teacher_topk.rest_logprob)))
-        topk_row = torch.cumsum(kd_valid.reshape(-1).long(), 0).reshape(lead) - 1  # (...): its row, -1 before any
-    settings = (
-        index, kd_valid, labels,
+        topk, topk_row = _topk_rows(teacher_topk, kd_valid, student_weight.shape[0])
+    call = _HeadCall(
+        _rows(kd_valid | ce_valid), kd_valid, labels,  # positions either term uses; the others are never touched
         _denominator(normalizer, kd_valid.sum(), device), _denominator(ce_normalizer, ce_valid.sum(), device),
         None if kd_weight is None else float(kd_weight), None if ce_weight is None else float(ce_weight),
-        kind, float(temperature), float(jsd_beta), chunk_size, student_dtype, teacher_dtype,
-        teacher_topk if kd_weight is not None else None, topk_row,
+        kind, float(temperature), float(jsd_beta), chunk_size, student_dtype, teacher_dtype, topk, topk_row,
     )
     if teacher_hidden is None:  # CE only, or a top-k teacher: a stand-in that is never read
         teacher_hidden, teacher_weight = student_hidden.detach(), student_weight.detach()
     loss, kd, ce = _LinearHeadLoss.apply(
         student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), settings,
+        None if teacher_bias is None else teacher_bias.detach(), call,
     )
     return HeadLoss(loss, kd if kd_weight is not None else None, ce if ce_weight is not None else None)
 

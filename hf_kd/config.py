@@ -23,13 +23,12 @@ from transformers import TrainingArguments
 
 from .adapters import peft_config_dict
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES
-from .teachers import weight_problems
 from .relations import RELATION_LOSSES, RELATION_POOLINGS
+from .schedules import SCHEDULES, schedule_value
+from .teachers import weight_problems
 
 #: attention_loss values: the attention-map losses of hf_kd.losses, and MiniLM q/k/v relations (hf_kd.relations).
 ATTENTION_CHOICES = (*ATTENTION_LOSSES, "minilm")
-from .schedules import SCHEDULES, schedule_value
-
 LAYER_MAP_NAMES = ("uniform", "last")
 NONFINITE_ACTIONS = ("stop", "skip")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -86,6 +85,13 @@ def parse_layer_map(value: Any) -> str | list[list[int]]:
         seen.add((s, t))
         students.add(s)
     return pairs
+
+
+def _unknown(name: str, value, choices: tuple, use: str | None = None) -> list[str]:
+    """[the problem] when ``value`` is none of ``choices``, else []."""
+    if value in choices:
+        return []
+    return [f"{name}={value!r} is unknown; use {use or 'one of ' + ', '.join(choices)}."]
 
 
 @dataclass
@@ -259,50 +265,7 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        problems = []
-        if not (self.temperature > 0):
-            problems.append(f"temperature={self.temperature} must be > 0 (2.0 is a common choice).")
-        if not (0.0 <= self.alpha <= 1.0):
-            problems.append(f"alpha={self.alpha} must be in [0, 1] (1 = distillation only, 0 = labels only).")
-        if self.kd_loss not in KD_LOSSES:
-            problems.append(f"kd_loss={self.kd_loss!r} is unknown; use one of {', '.join(KD_LOSSES)}.")
-        if not (0.0 < self.jsd_beta < 1.0):
-            problems.append(f"jsd_beta={self.jsd_beta} must be strictly between 0 and 1 (0.5 is symmetric JSD).")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            problems.append(f"hidden_loss={self.hidden_loss!r} is unknown; use one of {', '.join(HIDDEN_LOSSES)}.")
-        if self.attention_loss not in ATTENTION_CHOICES:
-            problems.append(
-                f"attention_loss={self.attention_loss!r} is unknown; use one of {', '.join(ATTENTION_CHOICES)}."
-            )
-        if self.minilm_relation_heads is not None and not self.minilm_relation_heads > 0:
-            problems.append(
-                f"minilm_relation_heads={self.minilm_relation_heads} must be a positive integer (or unset: the "
-                "teacher's number of heads)."
-            )
-        if self.relation_loss not in RELATION_LOSSES:
-            problems.append(
-                f"relation_loss={self.relation_loss!r} is unknown; use one of {', '.join(RELATION_LOSSES)}."
-            )
-        if self.relation_pooling not in RELATION_POOLINGS:
-            problems.append(f"relation_pooling={self.relation_pooling!r} is unknown; use 'first' or 'mean'.")
-        if self.nonfinite_loss not in NONFINITE_ACTIONS:
-            problems.append(f"nonfinite_loss={self.nonfinite_loss!r} is unknown; use 'stop' or 'skip'.")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            problems.append(f"teacher_dtype={self.teacher_dtype!r} is unknown; use one of {', '.join(TEACHER_DTYPES)}.")
-        for name, low, high, example in (("temperature", 0.0, None, "1.0"), ("alpha", 0.0, 1.0, "0.1")):
-            kind, end = getattr(self, f"{name}_schedule"), getattr(self, f"{name}_end")
-            if kind not in SCHEDULES:
-                problems.append(f"{name}_schedule={kind!r} is unknown; use one of {', '.join(SCHEDULES)}.")
-            elif kind == "constant" and end is not None:
-                problems.append(
-                    f"{name}_end={end} is set but {name}_schedule is 'constant'; set {name}_schedule to linear or "
-                    f"cosine, or drop {name}_end."
-                )
-            elif kind != "constant" and end is None:
-                problems.append(f"{name}_schedule={kind!r} needs {name}_end, the value at the last step (e.g. {example}).")
-            elif kind != "constant" and not (end > low if high is None else low <= end <= high):
-                where = f"> {low}" if high is None else f"in [{low}, {high}]"
-                problems.append(f"{name}_end={end} must be {where}.")
+        problems = [*self._setting_problems(), *self._schedule_problems()]
         if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size < -1:
             problems.append(
                 f"logit_chunk_size={self.logit_chunk_size!r} must be an int >= -1 (0 = auto, -1 = never chunk, "
@@ -324,17 +287,74 @@ class DistillationConfig(TrainingArguments):
             except ValueError as err:
                 problems.append(str(err))
         problems += weight_problems(self.teacher_weights)
-        if self.teacher_cache and self.temperature_schedule != "constant":
+        problems += self._cache_problems()
+        problems += self._parse_layer_maps()
+        if problems:
+            raise ValueError("Invalid DistillationConfig:\n  - " + "\n  - ".join(problems))
+
+    def _setting_problems(self) -> list[str]:
+        """The loss settings out of their range, and names that are none of their choices."""
+        problems = []
+        if not (self.temperature > 0):
+            problems.append(f"temperature={self.temperature} must be > 0 (2.0 is a common choice).")
+        if not (0.0 <= self.alpha <= 1.0):
+            problems.append(f"alpha={self.alpha} must be in [0, 1] (1 = distillation only, 0 = labels only).")
+        problems += _unknown("kd_loss", self.kd_loss, KD_LOSSES)
+        if not (0.0 < self.jsd_beta < 1.0):
+            problems.append(f"jsd_beta={self.jsd_beta} must be strictly between 0 and 1 (0.5 is symmetric JSD).")
+        problems += _unknown("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
+        problems += _unknown("attention_loss", self.attention_loss, ATTENTION_CHOICES)
+        if self.minilm_relation_heads is not None and not self.minilm_relation_heads > 0:
+            problems.append(
+                f"minilm_relation_heads={self.minilm_relation_heads} must be a positive integer (or unset: the "
+                "teacher's number of heads)."
+            )
+        problems += _unknown("relation_loss", self.relation_loss, RELATION_LOSSES)
+        problems += _unknown("relation_pooling", self.relation_pooling, RELATION_POOLINGS, "'first' or 'mean'")
+        problems += _unknown("nonfinite_loss", self.nonfinite_loss, NONFINITE_ACTIONS, "'stop' or 'skip'")
+        problems += _unknown("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        return problems
+
+    def _schedule_problems(self) -> list[str]:
+        """A schedule of T or alpha needs its end value, in range; a constant one has none."""
+        problems = []
+        for name, low, high, example in (("temperature", 0.0, None, "1.0"), ("alpha", 0.0, 1.0, "0.1")):
+            kind, end = getattr(self, f"{name}_schedule"), getattr(self, f"{name}_end")
+            if kind not in SCHEDULES:
+                problems += _unknown(f"{name}_schedule", kind, SCHEDULES)
+            elif kind == "constant" and end is not None:
+                problems.append(
+                    f"{name}_end={end} is set but {name}_schedule is 'constant'; set {name}_schedule to linear or "
+                    f"cosine, or drop {name}_end."
+                )
+            elif kind != "constant" and end is None:
+                problems.append(f"{name}_schedule={kind!r} needs {name}_end, the value at the last step (e.g. {example}).")
+            elif kind != "constant" and not (end > low if high is None else low <= end <= high):
+                where = f"> {low}" if high is None else f"in [{low}, {high}]"
+                problems.append(f"{name}_end={end} must be {where}.")
+        return problems
+
+    def _cache_problems(self) -> list[str]:
+        """What a teacher cache (top-k logits at one T, hidden states) cannot serve."""
+        if not self.teacher_cache:
+            return []
+        problems = []
+        if self.temperature_schedule != "constant":
             problems.append("teacher_cache holds the teacher's distribution at one temperature; use "
                             "temperature_schedule='constant' or distil with the live teacher.")
-        if self.teacher_cache and self.attention_weight > 0:
+        if self.attention_weight > 0:
             problems.append("teacher_cache holds no attention maps; set attention_weight=0 or distil with the live teacher.")
-        if self.teacher_cache and self.relation_weight > 0:
+        if self.relation_weight > 0:
             problems.append("teacher_cache holds no per-example embeddings for sample relations; set relation_weight=0 "
                             "or distil with the live teacher.")
-        if self.teacher_cache and self.alpha > 0 and self.kd_loss == "mse":
+        if self.alpha > 0 and self.kd_loss == "mse":
             problems.append("kd_loss='mse' compares every raw logit and teacher_cache keeps the top k; use forward_kl, "
                             "reverse_kl or jsd, or distil with the live teacher.")
+        return problems
+
+    def _parse_layer_maps(self) -> list[str]:
+        """Normalise layer_map (None = "uniform") and decoder_layer_map in place; the problems with them."""
+        problems = []
         if self.layer_map is None:
             self.layer_map = "uniform"
         try:
@@ -346,8 +366,7 @@ class DistillationConfig(TrainingArguments):
                 self.decoder_layer_map = parse_layer_map(self.decoder_layer_map)
             except ValueError as err:
                 problems.append(str(err).replace("layer_map", "decoder_layer_map"))
-        if problems:
-            raise ValueError("Invalid DistillationConfig:\n  - " + "\n  - ".join(problems))
+        return problems
 
     @property
     def uses_teacher_logits(self) -> bool:

@@ -23,7 +23,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 SINGLE, DDP, FSDP, DEEPSPEED, UNSUPPORTED = "single", "ddp", "fsdp", "deepspeed", "unsupported"
 MULTI_CPU_CONFIG = "recipes/accelerate/multi_cpu.yml"
@@ -54,8 +57,6 @@ class Backend:
 
 
 def backend_of(accelerator) -> Backend:
-    from accelerate.utils import DistributedType
-
     dtype = accelerator.distributed_type
     common = {"world_size": accelerator.num_processes, "distributed_type": str(dtype).split(".")[-1]}
     if dtype == DistributedType.DEEPSPEED:
@@ -74,8 +75,6 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_precision(accelerator) -> str:
     """"bf16", "fp16" or "no": the run's mixed precision (under DeepSpeed, what its config enables)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         for name in ("bf16", "fp16"):
@@ -279,9 +278,6 @@ def shard_teacher(teacher: nn.Module, *, device_type: str, offload: bool = False
     in that dtype (bf16/fp16 mixed precision); ``offload`` keeps the shards in CPU memory. Collective: every
     process calls it, and then runs every teacher forward pass.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
     kwargs = {"mesh": mesh, "reshard_after_forward": True}
     if offload:

@@ -34,7 +34,12 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+import torch
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .version import __version__
 
 __all__ = [
     "CARD_NAME",
@@ -201,8 +206,6 @@ def weights_sha256(model_or_state_dict) -> str:
     Independent of the file format, sharding and device, so the teacher named in a card can be checked:
     ``weights_sha256(AutoModelForSequenceClassification.from_pretrained(teacher))``.
     """
-    import torch
-
     digest = hashlib.sha256()
     state = _state_dict(model_or_state_dict)
     for name in sorted(state):
@@ -326,45 +329,65 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
     ``record`` is what `hf_kd_provenance.json` holds. Front matter: ``base_model`` and ``datasets``
     (when they are Hub ids), ``library_name: transformers``, ``pipeline_tag``, tags with
     ``knowledge-distillation``, the student's evaluation as a ``model-index`` entry, and an ``hf_kd``
-    block with the teacher (name, revision, weights hash) and both models' numbers.
+    block with the teacher (name, revision, weights hash) and both models' numbers. The body's
+    sections: the intro, Evaluation, Size and speed, How it was made, Reproduce.
     """
-    task = record.get("task")
-    tag = PIPELINE_TAGS.get(task)
-    teacher = record.get("teacher", {})
-    several = record.get("teachers") or []  # several teachers (hf_kd.teachers): the first is `teacher`
-    student = record.get("student", {})
-    data = record.get("data", {})
-    evaluation = record.get("evaluation") or {}
-    measures = record.get("measurements") or {}
-    kd = record.get("distillation", {})
     name = model_name or record.get("model_name") or "distilled-student"
-    dataset = data.get("dataset")
-    split = evaluation.get("split") or data.get("eval_split")
-    s_eval, t_eval = evaluation.get("student") or {}, evaluation.get("teacher") or {}
+    eval_results = _eval_results(record)
+    card_data = _card_data(record, name, eval_results)
+    lines = [
+        *_intro_section(record, name),
+        *_evaluation_section(record, in_model_index=bool(eval_results)),
+        *_size_section(record.get("measurements") or {}),
+        *_made_section(record),
+        *_reproduce_section(record),
+    ]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
 
-    eval_results = None
-    if s_eval and dataset and tag:
-        eval_results = [
-            EvalResult(
-                task_type=tag,
-                dataset_type=dataset,
-                dataset_name=Path(dataset).name if not is_hub_id(dataset) else dataset.split("/")[-1],
-                dataset_config=data.get("dataset_config"),
-                dataset_split=split,
-                metric_type=metric,
-                metric_value=value,
-                metric_name=f"{metric} ({split})" if split else metric,
-            )
-            for metric, value in s_eval.items()
-        ]
-    base_model = student.get("base_model")
-    card_data = ModelCardData(
+
+def _evaluation(record: Mapping[str, Any]) -> tuple[str | None, dict, dict]:
+    """The split of the card's evaluation, and the student's and the teacher's numbers on it."""
+    evaluation = record.get("evaluation") or {}
+    split = evaluation.get("split") or record.get("data", {}).get("eval_split")
+    return split, evaluation.get("student") or {}, evaluation.get("teacher") or {}
+
+
+def _eval_results(record: Mapping[str, Any]) -> list[EvalResult] | None:
+    """The student's numbers as the Hub's ``model-index`` entries; None without them, a data set or a task tag."""
+    tag, data = PIPELINE_TAGS.get(record.get("task")), record.get("data", {})
+    dataset = data.get("dataset")
+    split, s_eval, _ = _evaluation(record)
+    if not (s_eval and dataset and tag):
+        return None
+    return [
+        EvalResult(
+            task_type=tag,
+            dataset_type=dataset,
+            dataset_name=Path(dataset).name if not is_hub_id(dataset) else dataset.split("/")[-1],
+            dataset_config=data.get("dataset_config"),
+            dataset_split=split,
+            metric_type=metric,
+            metric_value=value,
+            metric_name=f"{metric} ({split})" if split else metric,
+        )
+        for metric, value in s_eval.items()
+    ]
+
+
+def _card_data(record: Mapping[str, Any], name: str, eval_results: list[EvalResult] | None) -> ModelCardData:
+    """The card's front matter."""
+    teacher, student = record.get("teacher", {}), record.get("student", {})
+    several = record.get("teachers") or []  # several teachers (hf_kd.teachers): the first is `teacher`
+    dataset, base_model = record.get("data", {}).get("dataset"), student.get("base_model")
+    split, s_eval, t_eval = _evaluation(record)
+    return ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         datasets=[dataset] if is_hub_id(dataset) else None,
         library_name="peft" if student.get("adapter") else "transformers",
         license=record.get("license"),
         language=record.get("language"),
-        pipeline_tag=tag,
+        pipeline_tag=PIPELINE_TAGS.get(record.get("task")),
         tags=list(dict.fromkeys([*TAGS, *(record.get("tags") or [])])),
         metrics=[m for m in s_eval if m != "loss"] or None,
         model_name=name if eval_results else None,
@@ -374,18 +397,25 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
             "teacher": {k: teacher.get(k) for k in ("name_or_path", "revision", "weights_sha256")},
             **({"teachers": [{k: t.get(k) for k in ("name_or_path", "weights_sha256", "weight")} for t in several]}
                if several else {}),
-            "evaluation": {"split": split, "student": s_eval, "teacher": t_eval} if evaluation else None,
+            "evaluation": {"split": split, "student": s_eval, "teacher": t_eval} if record.get("evaluation") else None,
         },
     )
 
+
+def _intro_section(record: Mapping[str, Any], name: str) -> list[str]:
+    """The title, what the model is and how to load it."""
+    task = record.get("task")
+    tag = PIPELINE_TAGS.get(task)
+    several = record.get("teachers") or []
     if several:  # their softened distributions averaged with these weights
         teachers_text = "the teachers " + ", ".join(
             f"{_link(t.get('name_or_path'))} (weight {t.get('weight', 0):.3g})" for t in several
         )
     else:
-        teachers_text = f"the teacher {_link(teacher.get('name_or_path'))}"
-    lines = [f"# {name}", ""]
-    lines += [
+        teachers_text = f"the teacher {_link(record.get('teacher', {}).get('name_or_path'))}"
+    return [
+        f"# {name}",
+        "",
         f"A {tag or task} model distilled from {teachers_text} with hf_kd "
         f"{record.get('hf_kd_version')} (knowledge distillation for Hugging Face Transformers). It is a plain "
         "Transformers model: the teacher, the projection heads and the training state are not part of it.",
@@ -398,34 +428,41 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         "",
     ]
 
-    lines += ["## Evaluation", ""]
-    if s_eval or t_eval:
-        if dataset:
-            where = f"split `{split}` of {_link(dataset, 'datasets/')}"
-        else:
-            where = f"split `{split}`" if split else "same data"
-        lines += [
-            f"Student and teacher on the {where}, through the same `Trainer.evaluate` loop "
-            "(data, collator and `compute_metrics`).",
-            "",
-        ]
-        rows = []
-        for metric in dict.fromkeys([*s_eval, *t_eval]):
-            s, t = s_eval.get(metric), t_eval.get(metric)
-            ratio = f"{s / t:.1%}" if metric != "loss" and isinstance(s, (int, float)) and t else "-"
-            rows.append([metric, _fmt(s), _fmt(t), ratio])
-        lines += _table(["metric", "student", "teacher", "student / teacher"], rows)
-        if s_eval and not eval_results:
-            lines += ["", "No `model-index` entry: the data set was not recorded "
-                      "(`CardInfo(dataset=..., eval_split=...)`)."]
-    else:
+
+def _evaluation_section(record: Mapping[str, Any], in_model_index: bool) -> list[str]:
+    """Student and teacher side by side, with the student's share of the teacher's score."""
+    split, s_eval, t_eval = _evaluation(record)
+    dataset = record.get("data", {}).get("dataset")
+    lines = ["## Evaluation", ""]
+    if not (s_eval or t_eval):
         lines.append(
             "Not evaluated: the trainer had no `eval_dataset` when the student was saved "
             "(or `CardInfo.evaluate` was off)."
         )
-    lines.append("")
+        return [*lines, ""]
+    if dataset:
+        where = f"split `{split}` of {_link(dataset, 'datasets/')}"
+    else:
+        where = f"split `{split}`" if split else "same data"
+    lines += [
+        f"Student and teacher on the {where}, through the same `Trainer.evaluate` loop "
+        "(data, collator and `compute_metrics`).",
+        "",
+    ]
+    rows = []
+    for metric in dict.fromkeys([*s_eval, *t_eval]):
+        s, t = s_eval.get(metric), t_eval.get(metric)
+        ratio = f"{s / t:.1%}" if metric != "loss" and isinstance(s, (int, float)) and t else "-"
+        rows.append([metric, _fmt(s), _fmt(t), ratio])
+    lines += _table(["metric", "student", "teacher", "student / teacher"], rows)
+    if s_eval and not in_model_index:
+        lines += ["", "No `model-index` entry: the data set was not recorded "
+                  "(`CardInfo(dataset=..., eval_split=...)`)."]
+    return [*lines, ""]
 
-    lines += ["## Size and speed", ""]
+
+def _size_section(measures: Mapping[str, Any]) -> list[str]:
+    """Parameters, size on disk and latency of student and teacher, and how the latency was measured."""
     s_m, t_m = measures.get("student") or {}, measures.get("teacher") or {}
     batches = [str(b) for b in measures.get("batch_sizes") or []]
     header = ["model", "parameters", "size on disk (MB)", *[f"latency batch {b} (ms)" for b in batches]]
@@ -434,7 +471,7 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         latency = m.get("latency_ms") or {}
         timings = [_fmt(latency.get(b), ".2f") for b in batches]
         rows.append([role, _fmt(m.get("parameters")), _mb(m.get("size_mb")), *timings])
-    lines += _table(header, rows)
+    lines = ["## Size and speed", "", *_table(header, rows)]
     notes = []
     if batches and s_m.get("latency_ms") and t_m.get("latency_ms"):
         b = batches[-1]
@@ -451,9 +488,23 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         notes.append(f"Teacher size: {t_m['size_source']}.")
     if notes:
         lines += ["", " ".join(notes)]
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## How it was made", ""]
+
+# The distillation and training settings the card lists, in this order, when the record holds them.
+_KD_SETTINGS = ("kd_loss", "temperature", "temperature_schedule", "temperature_end", "alpha", "alpha_schedule",
+                "alpha_end", "jsd_beta", "hidden_weight", "hidden_loss", "attention_weight", "attention_loss",
+                "layer_map", "hidden_pairs", "attention_pairs", "projections")
+_TRAINING_SETTINGS = ("global_step", "epoch", "learning_rate", "per_device_train_batch_size",
+                      "gradient_accumulation_steps", "seed")
+
+
+def _made_section(record: Mapping[str, Any]) -> list[str]:
+    """The teacher(s), the student's start, the data, the settings, and the loss they make."""
+    teacher, student, data = record.get("teacher", {}), record.get("student", {}), record.get("data", {})
+    several = record.get("teachers") or []
+    kd, training = record.get("distillation", {}), record.get("training", {})
+    base_model, dataset = student.get("base_model"), data.get("dataset")
     settings = [
         ["teacher", _link(teacher.get("name_or_path")) + (" (the first of several)" if several else "")],
         *[[f"teacher {i + 1}", f"{_link(t.get('name_or_path'))}, weight {t.get('weight', 0):.3g}, sha256 "
@@ -466,19 +517,16 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         ["data", f"{_link(dataset, 'datasets/')}, train split `{data.get('train_split')}`" if dataset else "n/a"],
         ["training rows", _fmt(data.get("train_rows"))],
     ]
-    for key in ("kd_loss", "temperature", "temperature_schedule", "temperature_end", "alpha", "alpha_schedule",
-                "alpha_end", "jsd_beta", "hidden_weight", "hidden_loss", "attention_weight", "attention_loss",
-                "layer_map", "hidden_pairs", "attention_pairs", "projections"):
-        if key in kd:
-            settings.append([key, f"`{json.dumps(kd[key])}`" if isinstance(kd[key], (list, dict)) else str(kd[key])])
-    training = record.get("training", {})
-    for key in ("global_step", "epoch", "learning_rate", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "seed"):
+    settings += [[key, f"`{json.dumps(kd[key])}`" if isinstance(kd[key], (list, dict)) else str(kd[key])]
+                 for key in _KD_SETTINGS if key in kd]
+    for key in _TRAINING_SETTINGS:
         value = training.get(key)
         if value is not None:
             settings.append([key, f"{value:.4g}" if isinstance(value, float) else str(value)])
-    lines += _table(["setting", "value"], settings, numeric=False)
-    lines += [
+    return [
+        "## How it was made",
+        "",
+        *_table(["setting", "value"], settings, numeric=False),
         "",
         "Loss: `alpha * T^2 * D(teacher || student, softened by T) + (1 - alpha) * CE(student, labels) "
         "+ hidden_weight * hidden + attention_weight * attention` (T^2 and T do not apply to `kd_loss: mse`). "
@@ -486,23 +534,27 @@ def render_card(record: Mapping[str, Any], *, model_name: str | None = None) -> 
         "",
     ]
 
-    lines += ["## Reproduce", "", "```bash", record.get("command") or "(not recorded)", "```", ""]
-    lines += [
+
+def _reproduce_section(record: Mapping[str, Any]) -> list[str]:
+    """The command of the run and the versions it ran with."""
+    return [
+        "## Reproduce",
+        "",
+        "```bash",
+        record.get("command") or "(not recorded)",
+        "```",
+        "",
         f"with hf_kd {record.get('hf_kd_version')}, transformers {record.get('transformers_version')} and torch "
         f"{record.get('torch_version')}. `{PROVENANCE_NAME}` holds the full configuration"
         + (" and the recipe" if record.get("extra", {}).get("recipe") else "")
         + ". To check the teacher: `hf_kd.hub.weights_sha256(teacher_model)` must equal the hash above.",
         "",
     ]
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return ModelCard(content)
 
 
 # ---------------------------------------------------------------------------------------- the push
 def failure_reason(err: BaseException) -> tuple[str, str]:
     """A one-line reason and a hint for a failed Hub call."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-
     reason = f"{type(err).__name__}: {err}".strip().splitlines()[0]
     if isinstance(err, OfflineModeIsEnabled):
         return reason, "HF_HUB_OFFLINE=1 is set, so the Hub is out of reach: unset it on a machine with network."
@@ -515,8 +567,6 @@ def failure_reason(err: BaseException) -> tuple[str, str]:
         return reason, "The Hub answered with an error; check the repo id and your rights on it."
     kind = type(err).__name__.lower()  # httpx's ConnectError & co. are not OSErrors
     if isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(w in kind for w in ("connect", "timeout", "network")):
-        from huggingface_hub import constants
-
         return reason, f"The Hub ({constants.ENDPOINT}) cannot be reached: check the network (and HF_ENDPOINT)."
     return reason, "Check the network connection, the repo id and your login (`hf auth login`)."
 
@@ -576,8 +626,6 @@ def push_student(
     when the folder is not a saved hf_kd student, and with the reason and the retry command when
     the Hub cannot be reached or refuses.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     folder = Path(folder)
     try:
         validate_repo_id(repo_id)
@@ -593,8 +641,6 @@ def push_student(
     else:
         card = render_card(read_provenance(folder), model_name=repo_id.split("/")[-1])
         operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
-
-    from .version import __version__
 
     api = api or HfApi(library_name="hf_kd", library_version=__version__)
     try:

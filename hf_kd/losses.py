@@ -73,10 +73,27 @@ def check_logit_loss_args(student_shape, teacher_shape, kind: str, temperature: 
         raise ValueError(
             f"student logits {tuple(student_shape)} and teacher logits {tuple(teacher_shape)} must have the same shape"
         )
+    check_softening(kind, temperature, jsd_beta)
+
+
+def check_softening(kind: str, temperature: float, jsd_beta: float) -> None:
+    """The settings of a divergence between softened distributions: jsd's beta in (0, 1), a positive temperature."""
     if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
         raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
     if kind != "mse" and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_topk_kind(kind: str) -> None:
+    """A teacher stored as its top k classes cannot give ``mse``, which compares every raw logit."""
+    if kind == "mse":
+        raise ValueError("kd_loss='mse' compares every raw logit; a top-k teacher cannot give it. Use forward_kl, "
+                         "reverse_kl or jsd.")
+
+
+def check_topk_classes(k: int, num_classes: int) -> None:
+    if k > num_classes:
+        raise ValueError(f"k={k} top-k classes but the student has only {num_classes} classes")
 
 
 def _valid_mask(mask: Optional[Tensor], lead_shape: torch.Size, device) -> Tensor:
@@ -104,16 +121,19 @@ def _class_mask(class_mask: Optional[Tensor], shape: torch.Size, device) -> Opti
         ) from err
 
 
+def _denominator(normalizer: Normalizer, count: Optional[Tensor], device) -> Tensor:
+    """A loss's denominator before its clamp to >= 1: ``normalizer`` when given, else ``count``; fp32 on ``device``."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=_F32, device=device)
+    return count.to(device=device, dtype=_F32)
+
+
 def _reduce(per_pos: Tensor, valid: Tensor, normalizer: Normalizer, count: Optional[Tensor] = None) -> Tensor:
     """sum(per_pos over valid) / clamp_min(normalizer or count or valid.sum(), 1)."""
     total = torch.where(valid, per_pos, 0.0).sum()  # ()
-    if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=_F32, device=total.device)
-    elif count is not None:
-        denom = count.to(_F32)
-    else:
-        denom = valid.sum().to(_F32)
-    return total / denom.clamp_min(1.0)
+    if normalizer is None and count is None:
+        count = valid.sum()
+    return total / _denominator(normalizer, count, total.device).clamp_min(1.0)
 
 
 def _safe_log_softmax(z: Tensor, class_mask: Optional[Tensor]) -> Tensor:
@@ -128,12 +148,12 @@ def _safe_log_softmax(z: Tensor, class_mask: Optional[Tensor]) -> Tensor:
 
 def _divergence_terms(log_pt: Tensor, log_ps: Tensor, kind: str, jsd_beta: float) -> Tensor:
     """Per-class terms of the divergence ``kind`` between two log-distributions (finite, fp32); sum them."""
+    if kind == "forward_kl":
+        return log_pt.exp() * (log_pt - log_ps)  # (..., C)
+    if kind == "reverse_kl":
+        return log_ps.exp() * (log_ps - log_pt)  # (..., C)
     ps = log_ps.exp()  # (..., C)
     pt = log_pt.exp()  # (..., C)
-    if kind == "forward_kl":
-        return pt * (log_pt - log_ps)  # (..., C)
-    if kind == "reverse_kl":
-        return ps * (log_ps - log_pt)  # (..., C)
     beta = float(jsd_beta)  # jsd
     log_m = torch.logsumexp(
         torch.stack([log_pt + math.log(beta), log_ps + math.log1p(-beta)]),  # (2, ..., C)
@@ -235,13 +255,8 @@ def topk_distillation_loss(
     ``mse`` needs every logit and is refused. Reduction as in the module docstring.
     """
     _check_kind(kind, KD_LOSSES, "logit distillation")
-    if kind == "mse":
-        raise ValueError("kd_loss='mse' compares every raw logit; a top-k teacher cannot give it. Use forward_kl, "
-                         "reverse_kl or jsd.")
-    if kind == "jsd" and not (0.0 < jsd_beta < 1.0):
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_topk_kind(kind)
+    check_softening(kind, temperature, jsd_beta)
     lead, k = student_logits.shape[:-1], topk_ids.shape[-1]
     if topk_ids.shape[:-1] != lead or teacher_topk_logits.shape != topk_ids.shape:
         raise ValueError(
@@ -250,8 +265,7 @@ def topk_distillation_loss(
         )
     if teacher_logsumexp.shape != lead or teacher_rest_logprob.shape != lead:
         raise ValueError(f"teacher_logsumexp and teacher_rest_logprob must have the leading shape {tuple(lead)}")
-    if k > student_logits.shape[-1]:
-        raise ValueError(f"k={k} top-k classes but the student has only {student_logits.shape[-1]} classes")
+    check_topk_classes(k, student_logits.shape[-1])
 
     device = student_logits.device
     valid = _valid_mask(mask, lead, device)  # (...)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .losses import F32_MIN, F32_TINY, Normalizer, _reduce, _valid_mask
+from .losses import F32_TINY, Normalizer, _divergence_terms, _reduce, _safe_log_softmax, _valid_mask
 
 __all__ = [
     "RELATION_LOSSES",
@@ -57,8 +57,7 @@ def _relation_log_probs(x: Tensor, key_valid: Tensor, heads: int) -> Tensor:
     d_r = D // heads
     xr = x.reshape(B, T, heads, d_r).transpose(1, 2)  # (B, R, T, d_r)
     scores = xr @ xr.transpose(-1, -2) / math.sqrt(d_r)  # (B, R, T, T)
-    scores = scores.masked_fill(~key_valid[:, None, None, :], F32_MIN)  # masked keys get probability 0
-    return torch.log_softmax(scores, dim=-1).clamp_min(F32_MIN)  # (B, R, T, T)
+    return _safe_log_softmax(scores, key_valid[:, None, None, :])  # (B, R, T, T); masked keys get probability 0
 
 
 def minilm_relation_loss(
@@ -112,7 +111,7 @@ def minilm_relation_loss(
         xt = torch.where(valid[..., None], xt.to(device).float(), 0.0)  # (B, T, Dt)
         log_ps = _relation_log_probs(xs, valid, num_relation_heads)  # (B, R, T, T)
         log_pt = _relation_log_probs(xt, valid, num_relation_heads)  # (B, R, T, T)
-        terms = torch.where(pair, log_pt.exp() * (log_pt - log_ps), 0.0)  # (B, R, T, T)
+        terms = torch.where(pair, _divergence_terms(log_pt, log_ps, "forward_kl", 0.5), 0.0)  # (B, R, T, T)
         per_row = per_row + terms.sum(-1).mean(1)  # (B, T)
     per_row = per_row / len(student_qkv)  # (B, T)
     return _reduce(per_row, valid, normalizer)

@@ -14,6 +14,7 @@ import difflib
 import os
 from pathlib import Path
 
+import transformers
 import yaml
 from torch import nn
 
@@ -206,8 +207,6 @@ def init_student(
     `student_config` (see `student_from_config`). Everything is checked and built before anything is
     written; an `output_dir` that holds files is refused unless `overwrite_output_dir`. Returns a summary.
     """
-    import transformers
-
     if (layers is None) == (student_config is None):
         raise ValueError("give either layers (a number, e.g. 3, or a list such as [1,3,5]) or student_config.")
     source = Path(os.path.expanduser(teacher))

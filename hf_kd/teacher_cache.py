@@ -30,11 +30,15 @@ import os
 from pathlib import Path
 
 import torch
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets, load_from_disk
 from torch import Tensor
 
 from .chunked import TopK
 from .errors import InputError
+from .hub import weights_sha256
+from .layer_map import resolve_layer_map
 from .losses import F32_MIN, topk_distillation_loss
+from .measure import count_parameters
 from .tasks import detect_task, logit_row_mask, model_inputs, shift_predictions, unwrap
 from .tasks import token_mask as _token_mask
 
@@ -92,12 +96,35 @@ def cache_teacher_outputs(
     labels: they decide which positions are rows), ``collator`` the collator training will use. ``top_k`` is
     capped at the number of classes (then the cache holds the full distribution). Returns the saved dataset.
     """
-    from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
-
-    from .hub import weights_sha256
-    from .measure import count_parameters
-
     task = task or detect_task(teacher)
+    _check_cache_request(task, temperature, dataset)
+    teacher = unwrap(teacher)
+    if device is not None:
+        teacher.to(device)
+    teacher.eval()
+    hidden_layers = sorted(set(hidden_layers or []))
+    depth = teacher.config.get_text_config().num_hidden_layers
+    if any(not 0 <= layer <= depth for layer in hidden_layers):
+        raise ValueError(f"hidden_layers {hidden_layers} must lie in 0..{depth} (0 = embeddings)")
+
+    columns = _TeacherColumns(task, top_k, temperature, hidden_layers)
+    device = next(teacher.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in collator(rows).items()}
+        columns.add(batch, teacher(**model_inputs(batch), output_hidden_states=bool(hidden_layers)))
+    if columns.k is None:
+        raise _input_error("the dataset is empty; nothing to cache.")
+    cached = Dataset.from_dict(columns.columns, features=_cache_features(hidden_layers))
+    result = concatenate_datasets([dataset, cached], axis=1)
+    output_dir = Path(output_dir)
+    result.save_to_disk(str(output_dir))
+    meta = _cache_metadata(teacher, teacher_source, dataset, columns, rows=len(result))
+    (output_dir / METADATA_NAME).write_text(json.dumps(meta, indent=1))
+    return result
+
+
+def _check_cache_request(task: str, temperature: float, dataset) -> None:
     if task not in SUPPORTED_TASKS:
         raise _input_error(
             f"caching teacher outputs supports {', '.join(SUPPORTED_TASKS)}, not {task}; distil it with the live teacher."
@@ -107,69 +134,68 @@ def cache_teacher_outputs(
     bad = [c for c in dataset.column_names if c.startswith(PREFIX)]
     if bad:
         raise _input_error(f"the dataset already holds cached teacher columns {bad}; cache the plain tokenized data.")
-    teacher = unwrap(teacher)
-    if device is not None:
-        teacher.to(device)
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    hidden_layers = sorted(set(hidden_layers or []))
-    depth = teacher.config.get_text_config().num_hidden_layers
-    if any(not 0 <= layer <= depth for layer in hidden_layers):
-        raise ValueError(f"hidden_layers {hidden_layers} must lie in 0..{depth} (0 = embeddings)")
 
-    columns: dict[str, list] = {IDS: [], LOGITS: [], LSE: [], REST: [], **{hidden_column(h): [] for h in hidden_layers}}
-    n_classes = k = None
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in collator(rows).items()}
-        inputs = model_inputs(batch)
-        out = teacher(**inputs, output_hidden_states=bool(hidden_layers))
+
+class _TeacherColumns:
+    """The cache's columns, filled batch by batch from the teacher's outputs: per example, its logit rows' top-k
+    buckets (`teacher_buckets`) and the hidden states of ``hidden_layers`` at its tokens."""
+
+    def __init__(self, task: str, top_k: int, temperature: float, hidden_layers: list[int]):
+        self.task, self.top_k, self.temperature, self.hidden_layers = task, top_k, temperature, hidden_layers
+        self.columns: dict[str, list] = {IDS: [], LOGITS: [], LSE: [], REST: [],
+                                         **{hidden_column(h): [] for h in hidden_layers}}
+        self.n_classes = self.k = None
+
+    def add(self, batch: dict, out) -> None:
         logits = out.logits  # (B, C) or (B, T, V)
-        mask = logit_row_mask(task, batch)
+        mask = logit_row_mask(self.task, batch)
         if mask is None:
             flat, per_example = logits, [1] * logits.shape[0]  # (B, C)
         else:
-            if task == "causal_lm":
+            if self.task == "causal_lm":
                 logits = shift_predictions(logits)  # (B, T-1, V): position i predicts token i+1
             flat, per_example = logits[mask], mask.sum(-1).tolist()  # (N, V)
-        if n_classes is None:
-            n_classes = logits.shape[-1]
-            k = min(int(top_k), n_classes)
-            if k < top_k:
-                logger.info("top_k=%d is more than the teacher's %d classes: the full distribution is cached", top_k, k)
-        parts = teacher_buckets(flat, k, temperature)
+        if self.n_classes is None:
+            self.n_classes = logits.shape[-1]
+            self.k = min(int(self.top_k), self.n_classes)
+            if self.k < self.top_k:
+                logger.info("top_k=%d is more than the teacher's %d classes: the full distribution is cached",
+                            self.top_k, self.k)
+        parts = teacher_buckets(flat, self.k, self.temperature)
         for name, value in zip((IDS, LOGITS, LSE, REST), parts):
-            columns[name].extend(t.tolist() for t in value.cpu().split(per_example))
-        if hidden_layers:
+            self.columns[name].extend(t.tolist() for t in value.cpu().split(per_example))
+        if self.hidden_layers:
             tokens = _token_mask(batch)  # (B, T)
-            for layer in hidden_layers:
+            for layer in self.hidden_layers:
                 h = out.hidden_states[layer]  # (B, T, D)
-                columns[hidden_column(layer)].extend(h[i][tokens[i]].half().cpu().tolist() for i in range(h.shape[0]))
+                self.columns[hidden_column(layer)].extend(
+                    h[i][tokens[i]].half().cpu().tolist() for i in range(h.shape[0])
+                )
 
-    if k is None:
-        raise _input_error("the dataset is empty; nothing to cache.")
-    # One row per example for every task: (rows, k) lists, so that token tasks and classifiers read alike.
-    features = {
+
+def _cache_features(hidden_layers: list[int]) -> Features:
+    """One row per example for every task: (rows, k) lists, so that token tasks and classifiers read alike."""
+    return Features({
         IDS: Sequence(Sequence(Value("int32"))),
         LOGITS: Sequence(Sequence(Value("float32"))),
         LSE: Sequence(Value("float32")),
         REST: Sequence(Value("float32")),
         **{hidden_column(h): Sequence(Sequence(Value("float16"))) for h in hidden_layers},
-    }
-    cached = Dataset.from_dict(columns, features=Features(features))
-    result = concatenate_datasets([dataset, cached], axis=1)
-    output_dir = Path(output_dir)
-    result.save_to_disk(str(output_dir))
+    })
+
+
+def _cache_metadata(teacher, teacher_source: str | None, dataset, columns: _TeacherColumns, rows: int) -> dict:
+    """What `METADATA_NAME` records: the format, the buckets' settings, the rows and the teacher."""
     text = teacher.config.get_text_config()
-    meta = {
+    return {
         "format_version": FORMAT_VERSION,
-        "task": task,
-        "top_k": k,
-        "temperature": float(temperature),
-        "num_classes": n_classes,
-        "hidden_layers": hidden_layers,
-        "rows": len(result),
-        "logit_rows": sum(len(x) for x in columns[IDS]),
+        "task": columns.task,
+        "top_k": columns.k,
+        "temperature": float(columns.temperature),
+        "num_classes": columns.n_classes,
+        "hidden_layers": columns.hidden_layers,
+        "rows": rows,
+        "logit_rows": sum(len(x) for x in columns.columns[IDS]),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "teacher": {
             "name_or_path": teacher_source or teacher.config.name_or_path,
@@ -184,8 +210,6 @@ def cache_teacher_outputs(
         },
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (output_dir / METADATA_NAME).write_text(json.dumps(meta, indent=1))
-    return result
 
 
 # --------------------------------------------------------------------------- reading a cache
@@ -207,16 +231,12 @@ def read_cache_metadata(path: str | os.PathLike) -> dict:
 
 def load_cached_dataset(path: str | os.PathLike):
     """The cached training set (the dataset's columns plus the teacher's); pass it as train_dataset."""
-    from datasets import load_from_disk
-
     read_cache_metadata(path)
     return load_from_disk(os.path.expanduser(str(path)))
 
 
 def check_cache(meta: dict, path, args, task: str, student, dataset) -> list:
     """Refuse a cache that cannot serve this student and these settings; return the hidden layer pairs."""
-    from .layer_map import resolve_layer_map
-
     problems = []
     if meta["task"] != task:
         problems.append(

@@ -203,6 +203,76 @@ def test_a_card_without_evaluation_still_parses():
     assert "Not evaluated" in card.text
 
 
+CARD_RECORD = {
+    "hf_kd_version": "1.2.3", "transformers_version": "4.0", "torch_version": "2.0", "task": "sequence_classification",
+    "command": COMMAND, "tags": ["sentiment"],
+    "teacher": {"name_or_path": "org/teacher", "revision": "abc123", "weights_sha256": "ab" * 32},
+    "student": {"init": "teacher layers [1, 3]", "adapter": False, "base_model": "org/teacher"},
+    "distillation": {"kd_loss": "kl", "temperature": 2.0, "alpha": 0.5, "hidden_pairs": [[1, 2]]},
+    "data": {"dataset": "org/data", "train_split": "train", "eval_split": "test", "train_rows": 1000},
+    "training": {"global_step": 20, "epoch": 1.5, "learning_rate": 5e-5, "seed": 42},
+    "extra": {"recipe": {"path": "r.yaml", "text": "a: 1"}},
+    "evaluation": {"split": "test", "student": {"loss": 0.4, "accuracy": 0.8}, "teacher": {"loss": 0.3, "accuracy": 0.9}},
+    "measurements": {"device": "cpu", "threads": 2, "batch_sizes": [1, 8],
+                     "student": {"parameters": 1000, "size_mb": 4.0, "latency_ms": {"1": 1.0, "8": 2.0}},
+                     "teacher": {"parameters": 9000, "size_mb": 36.0, "latency_ms": {"1": 3.0, "8": 8.0},
+                                 "size_source": "its weights in their dtype"}},
+}
+CARD_SECTIONS = ["# ", "## Evaluation", "## Size and speed", "## How it was made", "## Reproduce"]
+
+
+def card_variant(**changes) -> dict:
+    record = json.loads(json.dumps(CARD_RECORD))
+    record.update(changes)
+    return record
+
+
+@pytest.mark.parametrize("case", ["single", "several_teachers", "cached_teacher", "adapter", "no_evaluation",
+                                  "no_latency"])
+def test_card_sections_for_every_kind_of_record(case):
+    """The card's body has its sections in order whatever the record holds (a pin for the section renderers)."""
+    several = [{"name_or_path": "org/t1", "weights_sha256": "cd" * 32, "weight": 0.75},
+               {"name_or_path": "/local/t2", "weights_sha256": "ef" * 32, "weight": 0.25}]
+    record = {
+        "single": card_variant(),
+        "several_teachers": card_variant(teachers=several),
+        "cached_teacher": card_variant(teacher={**CARD_RECORD["teacher"], "revision": None,
+                                                "note": "its outputs were read from the cache c"}),
+        "adapter": card_variant(student={**CARD_RECORD["student"], "adapter": True}),
+        "no_evaluation": card_variant(evaluation=None),
+        "no_latency": card_variant(measurements={"student": {"parameters": 1000, "size_mb": 4.0}, "teacher": {}}),
+    }[case]
+    card = render_card(record, model_name="tiny")
+    text = card.text
+    headings = [line for line in text.splitlines() if line.startswith("#") and not line.startswith("###")]
+    assert [h for h in headings if h.startswith(tuple(CARD_SECTIONS))] == ["# tiny", *CARD_SECTIONS[1:]]
+    assert text.startswith("\n# tiny\n\nA text-classification model distilled from the teacher")
+    assert text.endswith("must equal the hash above.\n")
+    assert f"```bash\n{COMMAND}\n```" in text and "holds the full configuration and the recipe." in text
+    assert "| hidden_pairs | `[[1, 2]]` |" in text and "| epoch | 1.5 |" in text and "| training rows | 1,000 |" in text
+    data = ModelCard(str(card)).data
+    assert data.pipeline_tag == "text-classification" and data.base_model == "org/teacher"
+    assert data.library_name == ("peft" if case == "adapter" else "transformers")
+    assert data.to_dict()["hf_kd"]["teacher"]["weights_sha256"] == "ab" * 32
+    if case == "several_teachers":
+        assert "distilled from the teachers [org/t1](https://huggingface.co/org/t1) (weight 0.75), `/local/t2`" in text
+        assert "| teacher 2 | `/local/t2`, weight 0.25, sha256 `" + "ef" * 32 + "` |" in text
+        assert [t["weight"] for t in data.to_dict()["hf_kd"]["teachers"]] == [0.75, 0.25]
+    if case == "cached_teacher":
+        assert "| teacher training | its outputs were read from the cache c |" in text
+        assert "| teacher revision | n/a (not from the Hub) |" in text
+    if case == "no_evaluation":
+        assert "Not evaluated" in text and data.eval_results is None and data.to_dict()["hf_kd"]["evaluation"] is None
+    else:
+        assert "| accuracy | 0.8000 | 0.9000 | 88.9% |" in text and "| loss | 0.4000 | 0.3000 | - |" in text
+        assert [(r.metric_type, r.metric_value, r.dataset_split) for r in data.eval_results] == [
+            ("loss", 0.4, "test"), ("accuracy", 0.8, "test")]
+    if case == "no_latency":
+        assert "| student | 1,000 | 4 |" in text and "Latency was not measured." in text
+    else:
+        assert "| student | 1,000 | 4 | 1.00 | 2.00 |" in text and "Speed-up at batch 8: 4.00x." in text
+
+
 # ---------------------------------------------------------------- the saved folder
 def test_saved_folder_loads_with_from_pretrained_and_the_pipeline(run):
     model = AutoModelForSequenceClassification.from_pretrained(str(run.folder))
