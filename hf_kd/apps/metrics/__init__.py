@@ -2,7 +2,7 @@
 
 ``evaluate.load("accuracy")`` downloads the metric script from the Hugging Face Hub and fails
 without a connection. :func:`load_metric` first looks for a bundled copy under
-``hf_kd/metrics/<name>/<name>.py`` (currently: ``accuracy``) and loads it from that local path,
+``hf_kd/apps/metrics/<name>/<name>.py`` (currently: ``accuracy``) and loads it from that local path,
 which ``evaluate`` does without touching the network (checked with sockets blocked and with
 ``HF_HUB_OFFLINE=1``); any other name goes to ``evaluate.load(name)`` unchanged.
 """
