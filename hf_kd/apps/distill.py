@@ -32,6 +32,7 @@ from .data import collator_for, load_data
 from .evaluation import CARD_METRICS, LOWER_IS_BETTER, METRICS, evaluate
 from .models import load_teachers, make_student
 from .offline import resolve_model
+from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
 
 
 def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> dict:
@@ -169,8 +170,6 @@ def _scheduled_setting(config, name: str):
 
 
 def _report(task, models, results, held_out, tokenizer, data_args, trainer, config, model_args) -> dict:
-    from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
-
     say("measuring CPU latency at batch 1 and 32 (median of repeated runs)")
     collator = collator_for(task, tokenizer, data_args, models["distilled"][0], evaluation=True)
     batches = {n: model_inputs(collator([held_out[i] for i in range(min(n, len(held_out)))])) for n in (1, 32)}

@@ -13,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
+import evaluate
+
 __all__ = ["LOCAL_METRICS_DIR", "load_metric", "local_metric_path"]
 
 LOCAL_METRICS_DIR = Path(__file__).resolve().parent
@@ -39,8 +41,6 @@ def load_metric(name: str, **kwargs):
     on that lock. In memory no file is written at all. With ``num_process > 1`` (distributed
     evaluation, where all processes must share the file and the id) nothing is changed.
     """
-    import evaluate  # heavy; import on first use
-
     path = local_metric_path(name) or name
     if int(kwargs.get("num_process", 1)) <= 1:
         kwargs.setdefault("keep_in_memory", True)
