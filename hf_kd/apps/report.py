@@ -147,6 +147,19 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Seque
     return lines
 
 
+def _number_cells(r: ModelResult, teacher: ModelResult | None) -> list[str]:
+    """Score, parameters (M), size, latencies and speed-up of one row, formatted."""
+    speed = _speedup(r, teacher)
+    return [
+        _fmt(r.score, ".4f"),
+        _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
+        _fmt(r.size_mb, ".1f"),
+        _fmt(r.latency_b1_ms, ".2f"),
+        _fmt(r.latency_b32_ms, ".2f"),
+        f"{speed:.2f}x" if speed is not None else "n/a",
+    ]
+
+
 def _gap_line(results: Sequence[ModelResult], higher_is_better: bool = True) -> str:
     teacher, distilled, baseline = (_find(results, role) for role in ("teacher", "distilled", "baseline"))
     missing = [role for role, r in (("teacher", teacher), ("distilled", distilled), ("baseline", baseline)) if r is None]
@@ -186,16 +199,7 @@ def render_markdown(
         align.append("--:")
     rows = []
     for r in results:
-        speed = _speedup(r, teacher)
-        row = [
-            _cell(r.name),
-            _fmt(r.score, ".4f"),
-            _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
-            _fmt(r.size_mb, ".1f"),
-            _fmt(r.latency_b1_ms, ".2f"),
-            _fmt(r.latency_b32_ms, ".2f"),
-            f"{speed:.2f}x" if speed is not None else "n/a",
-        ]
+        row = [_cell(r.name), *_number_cells(r, teacher)]
         if with_time:
             row.append(_fmt(r.train_seconds, ".0f", missing="-"))
         rows.append(row)
@@ -232,18 +236,7 @@ def format_console(results: list[ModelResult], metric: str = "accuracy", higher_
     """A compact plain-text table of ``results`` (plus the gap-recovered line) for printing."""
     teacher = _find(results, "teacher")
     header = ["model", "acc" if metric == "accuracy" else metric, "params M", "MB", "b1 ms", "b32 ms", "speed-up"]
-    rows = []
-    for r in results:
-        speed = _speedup(r, teacher)
-        rows.append([
-            r.name,
-            _fmt(r.score, ".4f"),
-            _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
-            _fmt(r.size_mb, ".1f"),
-            _fmt(r.latency_b1_ms, ".2f"),
-            _fmt(r.latency_b32_ms, ".2f"),
-            f"{speed:.2f}x" if speed is not None else "n/a",
-        ])
+    rows = [[r.name, *_number_cells(r, teacher)] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
     def line(cells):
