@@ -97,9 +97,9 @@ def load_data(task: str, data_args, tokenizer) -> RunData:
     missing = [c for c in required_columns(task, data_args) if c not in train.column_names]
     if missing:
         raise SystemExit(
-            f"hf-kd: the {task} data has no column {missing} (it has {train.column_names}); name the right ones with "
-            "text_column / label_column / text_pair_column / question_column / context_column / answers_column / "
-            "target_column."
+            f"hf-kd: the dataset has no column {missing[0]!r} (it has {train.column_names}); set text_column / "
+            "label_column (or text_pair_column, question_column, context_column, answers_column, target_column for "
+            f"{task}) to the right names."
         )
     if data_args.unlabelled_samples and task != "sequence_classification":
         raise SystemExit(f"hf-kd: unlabelled_samples is for sequence_classification; a {task} run has no labels to drop.")

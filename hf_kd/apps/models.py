@@ -58,9 +58,10 @@ def _check_teacher_head(field_name: str, name: str, path: Path, model_args) -> N
         return
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     if architectures and not any(model_args.task in tasks_of_class(a) for a in architectures):
-        what = model_args.task.replace("_", " ")
+        what = {"sequence_classification": "sequence classifier"}.get(model_args.task,
+                                                                     model_args.task.replace("_", " ") + " model")
         raise SystemExit(
-            f"hf-kd: {field_name}={name!r} is a {architectures[0]}, not a {what} model ({TASKS[model_args.task][1]}): "
+            f"hf-kd: {field_name}={name!r} is a {architectures[0]}, not a {what} ({TASKS[model_args.task][1]}): "
             "its task head would be random or mean something else. Give a teacher fine-tuned for the task, or set "
             "teacher_finetune_epochs > 0 to fine-tune it first."
         )
