@@ -4,7 +4,7 @@
 setup:
 	@bash scripts/setup.sh
 
-# The main job: the default recipe (recipes/rotten_tomatoes.yaml), offline.
+# The main job: the default recipe (hf_kd/recipes/rotten_tomatoes.yaml, packaged; recipes/ links to it), offline.
 demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/hf-kd distill
 

@@ -1,229 +1,36 @@
-"""`hf-kd` command line: `hf-kd distill --config recipes/NAME.yaml [--any_field value ...]`, and
-`hf-kd push --model DIR --repo_id NAME` to publish a saved student (see `hf_kd.hub`), and
-`hf-kd cache-teacher --config RECIPE --output_dir DIR` to save a teacher's outputs (see `hf_kd.teacher_cache`).
-`hf-kd init-student --teacher DIR --layers 3 --output_dir DIR` to make a student folder (see `hf_kd.student`).
+"""`hf-kd` command line: parse, call an application (`hf_kd.apps`), print.
 
-A recipe is a flat YAML of field names from `ModelArguments`, `DataArguments`, `RunArguments` and
-`DistillationConfig` (so every `TrainingArguments` flag). Values given on the command line override
-the recipe. An optional `quick:` block holds the overrides that `--quick` applies. A recipe with a `task:` field
-(recipes/tasks) runs through `hf_kd.task_data` instead of the demo pipeline.
+- `hf-kd distill [--config RECIPE] [--quick] [--any_field value ...]`: the one distillation path for every task
+  (`hf_kd.apps.distill`). RECIPE is a YAML file or the name of a packaged recipe (`rotten_tomatoes`, the default;
+  `tasks/causal_lm`, `methods/rkd`, ...; see `hf_kd.apps.recipes`). Values given on the command line override the
+  recipe; `--quick` applies its `quick:` block.
+- `hf-kd push --model DIR --repo_id NAME` publishes a saved student (see `hf_kd.hub`).
+- `hf-kd cache-teacher --config RECIPE --output_dir DIR` saves a teacher's outputs (`hf_kd.apps.cache_teacher`).
+- `hf-kd init-student --teacher DIR --layers 3 --output_dir DIR` makes a student folder (see `hf_kd.student`).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
+import torch
 
-from .config import DistillationConfig
+from .apps.arguments import PARSER_TYPES, DataArguments, ModelArguments, RunArguments, parse_seeds
+from .apps.cache_teacher import run_cache_teacher
+from .apps.distill import run_distill
+from .apps.models import check_model_paths
+from .apps.offline import resolve_model
+from .apps.recipes import DEFAULT_RECIPE, load_recipe, parse_distill_args, parse_recipe_args
+from .errors import InputError, NonFiniteLossError
+from .hub import CARD_NAME, PushError, check_student_folder, push_student
+from .student import init_student
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "rotten_tomatoes.yaml"
-
-
-@dataclass
-class ModelArguments:
-    teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: a Hub id or local folder. Known Hub ids fall back to installed offline copies."}
-    )
-    student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "An existing student (Hub id or folder). Else see student_layers."}
-    )
-    student_layers: str | None = field(
-        default=None,
-        metadata={
-            "help": "Make the student from teacher layers, with their weights: a 1-based list (e.g. [1,3,5]) or a "
-            "number N (N layers spread evenly, the last included; see hf_kd.student.uniform_layers)."
-        },
-    )
-    student_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "Instead of student_layers: a fresh student of the teacher's architecture with these config "
-            "fields changed, a mapping such as {hidden_size: 192, intermediate_size: 768, num_attention_heads: 6, "
-            "num_hidden_layers: 3}."
-        },
-    )
-    teacher_finetune_epochs: float = field(
-        default=0.0,
-        metadata={
-            "help": "If > 0, first fine-tune the teacher on the training split for this many epochs "
-            "(cached under cache_dir, reused by later runs with the same settings)."
-        },
-    )
-    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the teacher fine-tune."})
-    teacher_seed: str = field(
-        default="42",
-        metadata={
-            "help": "Seed of the teacher fine-tune, apart from `seed` so that student seeds share one teacher. A list "
-            "such as [42, 7] fine-tunes one teacher per seed and distils from all of them (several teachers, "
-            "weighted by teacher_weights)."
-        },
-    )
-    cache_dir: str = field(default="~/.cache/hf_kd", metadata={"help": "Where fine-tuned teachers are cached."})
-
-    def __post_init__(self):
-        from .student import parse_student_config, parse_student_layers
-
-        for name in ("student_layers", "student_config"):  # `--student_layers null` unsets a recipe's value
-            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("", "null", "none"):
-                setattr(self, name, None)
-        if self.student_layers is not None and self.student_config is not None:
-            raise ValueError("give student_layers (teacher layers and weights) or student_config (fresh weights), "
-                             "not both.")
-        if self.student_layers is not None:
-            parse_student_layers(self.student_layers)
-        if self.student_config is not None:
-            parse_student_config(self.student_config)
-        self.teacher_seeds = parse_seeds(self.teacher_seed)
-        self.teacher_seed = self.teacher_seeds[0]  # the (first) teacher's seed, an int
-
-
-def parse_seeds(value) -> list[int]:
-    """`teacher_seed`: one int, or a JSON/YAML list of distinct ints (one fine-tuned teacher each)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
-    seeds = value if isinstance(value, list) else [value]
-    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"teacher_seed={value!r} must be an integer or a list of distinct integers, e.g. 42 or [42, 7].")
-    return seeds
-
-
-@dataclass
-class DataArguments:
-    dataset_name: str = field(
-        metadata={"help": "datasets.load_dataset path: a Hub id, a local folder or a csv/json/parquet file."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default="test", metadata={"help": "Held-out split for the final evaluation."})
-    text_column: str = field(default="text", metadata={"help": "Column with the input text."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
-    label_column: str = field(default="label", metadata={"help": "Column with the class label."})
-    class_names: str | None = field(
-        default=None,
-        metadata={"help": "Names of integer labels 0..N-1 as a JSON list, e.g. [negative, positive] in YAML."},
-    )
-    max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out rows."})
-    unlabelled_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Also distil on the next N training rows after the first max_train_samples, with their labels "
-            "dropped: an unlabelled transfer set that only the teacher's targets train on. The teacher's fine-tune "
-            "and the baseline see the labelled rows alone."
-        },
-    )
-
-
-@dataclass
-class RunArguments:
-    baseline: bool = field(
-        default=False,
-        metadata={"help": "Also train the same student from the same start on labels alone, for comparison."},
-    )
-    report: bool = field(default=False, metadata={"help": "Write report.md / report.png with latency and sizes."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
-    )
-
-
-PARSER_TYPES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
-
-
-def _argv_from_recipe(recipe: dict, parser: argparse.ArgumentParser) -> list[str]:
-    """Turn recipe values into command-line words so that the command line can override them."""
-    argv = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        action = parser._option_string_actions[f"--{key}"]
-        argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
-            argv.extend(str(v) for v in value)
-        elif isinstance(value, (list, dict)):
-            argv.append(json.dumps(value))
-        elif isinstance(value, bool):
-            argv.append(str(value).lower())
-        else:
-            argv.append(str(value))
-    return argv
-
-
-def load_recipe(path: str | Path, quick: bool = False) -> dict:
-    """A recipe's fields (with its `quick:` block applied when `quick`). `base: OTHER.yaml` (relative to the
-    recipe) starts from that recipe: its fields, then this one's; the quick blocks merge the same way."""
-    recipe, quick_block = _read_recipe(Path(path), ())
-    if quick:
-        recipe.update(quick_block)
-    return recipe
-
-
-def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise SystemExit(f"hf-kd: recipe {path} does not exist. Pass --config recipes/NAME.yaml.")
-    if path.resolve() in seen:
-        raise SystemExit(f"hf-kd: recipe {path} names itself as a base, through {[str(p) for p in seen]}.")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise SystemExit(f"hf-kd: recipe {path} must be a mapping of field: value.")
-    quick_block = recipe.pop("quick", None) or {}
-    base = recipe.pop("base", None)
-    if base is None:
-        return recipe, quick_block
-    fields, base_quick = _read_recipe(path.parent / base, (*seen, path.resolve()))
-    return {**fields, **recipe}, {**base_quick, **quick_block}
-
-
-def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> None:
-    valid = {a.dest for a in parser._actions if a.dest != "help"}
-    unknown = [k for k in recipe if k not in valid]
-    if unknown:
-        lines = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, valid, n=1)
-            lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
-        raise SystemExit(f"hf-kd: unknown key in {source}: {', '.join(lines)}. Run `hf-kd distill --help` for fields.")
-
-
-def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) -> tuple:
-    """The dataclasses `types` filled from a recipe (`--config`, `--quick`) plus command-line overrides."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=default_config, required=default_config is None)
-    pre.add_argument("--quick", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(types, prog=prog)
-    if "-h" in rest or "--help" in rest:
-        parser.print_help()
-        raise SystemExit(0)
-    recipe = load_recipe(known.config, quick=known.quick)
-    check_keys(recipe, parser, str(known.config))
-    try:
-        return tuple(parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest))
-    except ValueError as err:
-        raise SystemExit(f"hf-kd: {err}") from None
-
-
-def parse_distill_args(argv: list[str]):
-    """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
-    return parse_recipe_args(PARSER_TYPES, argv, "hf-kd distill", default_config=DEFAULT_RECIPE)
-
-
-def _recipe_task(argv: list[str]) -> str | None:
-    """The `task:` of the recipe named by --config, if any (task recipes run through `hf_kd.task_data`)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    return load_recipe(known.config).get("task") if known.config else None
+__all__ = [
+    "main", "parse_distill_args", "parse_recipe_args", "load_recipe", "DEFAULT_RECIPE", "PARSER_TYPES",
+    "ModelArguments", "DataArguments", "RunArguments", "parse_seeds",
+]
 
 
 def parse_push_args(argv: list[str]) -> argparse.Namespace:
@@ -253,8 +60,6 @@ def parse_cache_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .hub import CARD_NAME, PushError, check_student_folder, push_student
-
     try:
         if args.dry_run:
             names = check_student_folder(args.model)
@@ -294,14 +99,8 @@ def parse_init_student_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_init_student(args: argparse.Namespace) -> None:
-    import torch
-
-    from .student import init_student
-
     torch.manual_seed(args.seed)
     try:
-        from .offline import resolve_model
-
         summary = init_student(resolve_model(args.teacher), args.output_dir, layers=args.layers, student_config=args.student_config,
                                overwrite_output_dir=args.overwrite_output_dir)
     except (ValueError, OSError) as err:
@@ -311,56 +110,6 @@ def run_init_student(args: argparse.Namespace) -> None:
     print(f"[hf-kd] student ({made}, {summary['parameters'] / 1e6:.2f}M parameters, teacher "
           f"{summary['teacher_parameters'] / 1e6:.2f}M) written to {summary['output_dir']}"
           + ("" if summary["tokenizer"] else " (the teacher folder has no tokenizer)"), flush=True)
-
-
-def check_model_paths(model_args) -> None:
-    """A clear message for a teacher or student that is neither a readable model folder nor (online) a Hub id,
-    and for a student folder whose tokenizer numbers tokens otherwise than the teacher's."""
-    import os
-
-    from .offline import resolve_model
-
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    folders = {}
-    for field_name in ("teacher_model_name_or_path", "student_model_name_or_path"):
-        name = getattr(model_args, field_name)
-        if not name:
-            continue
-        path = Path(os.path.expanduser(resolve_model(name)))
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise SystemExit(f"hf-kd: {field_name}={name!r} is a folder without config.json; point it at a folder "
-                                 "saved with save_pretrained.")
-            if not os.access(path / "config.json", os.R_OK):
-                raise SystemExit(f"hf-kd: {field_name}={name!r}: {path / 'config.json'} is not readable; fix its "
-                                 "permissions.")
-            folders[field_name] = path
-            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-            # A student may start from a base model (its new head is trained); a teacher's head must be trained.
-            teacher_as_is = field_name.startswith("teacher") and model_args.teacher_finetune_epochs <= 0
-            if teacher_as_is and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-                raise SystemExit(
-                    f"hf-kd: {field_name}={name!r} is a {architectures[0]}, not a sequence classifier: its "
-                    "classification head would be random. Give a fine-tuned classifier, or set "
-                    "teacher_finetune_epochs > 0 to fine-tune it first."
-                )
-        elif path.exists():
-            raise SystemExit(f"hf-kd: {field_name}={name!r} is a file; give the model's folder.")
-        elif offline or name.startswith((".", "/", "~")):
-            raise SystemExit(
-                f"hf-kd: {field_name}={name!r} does not exist"
-                + (" and the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "")
-                + "; check the path, or give a Hub id while online."
-            )
-    if len(folders) == 2:
-        from .distill.checks import check_tokenizers, load_tokenizer
-        from .errors import InputError
-
-        try:
-            check_tokenizers(load_tokenizer(str(folders["student_model_name_or_path"])),
-                             load_tokenizer(str(folders["teacher_model_name_or_path"])))
-        except InputError as err:
-            raise SystemExit(f"hf-kd: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,34 +129,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "distill" and _recipe_task(rest):  # a task recipe (recipes/tasks): see hf_kd.task_data
-        from .task_data import main as run_task
-
-        return run_task(rest)
-    if command == "distill":
-        from .errors import InputError, NonFiniteLossError
-        from .hub import PushError
-        from .pipeline import run_distill
-
+    if command in ("distill", "cache-teacher"):
+        options, rest = parse_cache_args(rest) if command == "cache-teacher" else (None, rest)
         parsed = parse_distill_args(rest)
         check_model_paths(parsed[0])
         try:
-            run_distill(*parsed)
+            if options is None:
+                run_distill(*parsed)
+            else:
+                run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
         except (PushError, InputError, NonFiniteLossError) as err:  # a message, not a traceback
             raise SystemExit(f"hf-kd: {err}") from None
     elif command == "push":
         run_push(parse_push_args(rest))
-    elif command == "cache-teacher":
-        from .errors import InputError
-        from .teacher_cache import run_cache_teacher
-
-        options, rest = parse_cache_args(rest)
-        parsed = parse_distill_args(rest)
-        check_model_paths(parsed[0])
-        try:
-            run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
-        except InputError as err:
-            raise SystemExit(f"hf-kd: {err}") from None
     elif command == "init-student":
         run_init_student(parse_init_student_args(rest))
     return 0

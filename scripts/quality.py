@@ -20,8 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hf_kd.cli import DEFAULT_RECIPE, parse_distill_args  # noqa: E402
-from hf_kd.pipeline import run_distill  # noqa: E402
+from hf_kd.apps.distill import run_distill  # noqa: E402
+from hf_kd.apps.recipes import DEFAULT_RECIPE, parse_distill_args  # noqa: E402
 
 
 def mean_std(values):

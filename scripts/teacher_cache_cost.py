@@ -87,7 +87,7 @@ def real_lm(texts: int = 32, length: int = 64):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_kd.offline import resolve_dataset, resolve_model
+    from hf_kd.apps.offline import resolve_dataset, resolve_model
     from hf_kd.student import student_from_teacher
 
     path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")

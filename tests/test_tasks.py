@@ -33,8 +33,10 @@ from transformers import (
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import main
-from hf_kd.task_data import TaskArguments, prepare
 from hf_kd import InputError
+from hf_kd.apps.arguments import DataArguments
+from hf_kd.apps.data import TOKENIZERS
+from hf_kd.apps.evaluation import METRICS
 
 VOCAB = 64
 PAD = 0
@@ -389,7 +391,7 @@ def test_bad_decoder_layer_map_is_refused_by_the_config(tmp_path):
 
 
 # ------------------------------------------------------------------ recipes, run offline on local files
-RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes", "tasks")
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "hf_kd", "recipes", "tasks")
 
 
 def _write_jsonl(path, rows):
@@ -400,7 +402,8 @@ def _write_jsonl(path, rows):
 
 
 def _task_files(task, tmp_path):
-    """(teacher folder, extra overrides, data file): a tiny teacher saved with the word-level tokenizer."""
+    """(teacher folder, extra overrides, data folder): a tiny teacher saved with the word-level tokenizer, and a
+    folder of train.jsonl (12 rows) and test.jsonl (its first 6 rows)."""
     tokenizer = build_tokenizer()
     teacher, student = pair(task)
     teacher.save_pretrained(tmp_path / "teacher")
@@ -419,11 +422,15 @@ def _task_files(task, tmp_path):
             "answers": {"text": [sentence[1]], "answer_start": [len(sentence[0]) + 1]},
             "target": " ".join(reversed(sentence)),
         })
-    return str(tmp_path / "teacher"), extra, _write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "data" / "test.jsonl", rows[:6])
+    return str(tmp_path / "teacher"), extra, str(tmp_path / "data")
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_each_task_recipe_runs_offline_on_local_files(tmp_path, task, capsys):
+def test_each_task_recipe_runs_offline_on_local_files(tmp_path, task):
+    """A user's own json files, for every task: distil, then the task's metric on the held-out split."""
     recipe = os.path.join(RECIPES, f"{task}.yaml")
     header = open(recipe).read().splitlines()[0]
     assert header == f"# hf-kd distill --config recipes/tasks/{task}.yaml"
@@ -433,15 +440,18 @@ def test_each_task_recipe_runs_offline_on_local_files(tmp_path, task, capsys):
         "--label_column", "tags" if task == "token_classification" else "label", "--text_column",
         "tokens" if task == "token_classification" else "text", "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--max_length", "32", "--logging_steps", "1",
-        "--target_column", "target",
+        "--target_column", "target", "--eval_split", "test",
     ])
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.rindex('{\n "task"'):])
-    assert summary["task"] == task and summary["steps"] == 2 and summary["first"]["kd_loss"] > 0
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    summary = results["distilled"]
+    assert results["task"] == task and summary["steps"] == 2 and summary["first_log"]["kd_loss"] > 0
+    metric = METRICS[task]
+    for name in ("teacher_model", "student_at_init", "distilled"):
+        assert 0 <= results[name][metric] < float("inf") and (metric == "perplexity" or results[name][metric] <= 1)
     if task == "seq2seq_lm":  # the recipe's decoder_layer_map: the last decoder layers
         provenance = json.load(open(tmp_path / "out" / "hf_kd_provenance.json"))
         assert provenance["distillation"]["decoder_hidden_pairs"] == [[2, 4]]
-        assert "hidden_loss" in summary["first"]
+        assert "hidden_loss" in summary["first_log"]
     loaded = AUTO[task].from_pretrained(str(tmp_path / "out"))
     assert type(loaded).__name__ == type(pair(task)[1]).__name__
 
@@ -451,8 +461,8 @@ def test_question_answering_positions_point_at_the_answer_tokens():
     rows = [{"question": "what was it", "context": "the film was very good", "answers": {"text": ["very good"], "answer_start": [13]}}]
     import datasets
 
-    args = TaskArguments(task="question_answering", teacher_model_name_or_path="-", dataset_name="-")
-    data, _ = prepare(args, datasets.Dataset.from_list(rows), tokenizer, None)
+    tokenize = TOKENIZERS["question_answering"](DataArguments(dataset_name="-"), tokenizer, None)
+    data = datasets.Dataset.from_list(rows).map(tokenize, batched=True, remove_columns=["question", "context", "answers"])
     ids = data[0]["input_ids"]
     answer = ids[data[0]["start_positions"]: data[0]["end_positions"] + 1]
     assert tokenizer.decode(answer) == "very good"
@@ -462,9 +472,10 @@ def test_token_classification_tags_go_to_first_sub_tokens_and_specials_are_ignor
     tokenizer = build_tokenizer()
     import datasets
 
-    args = TaskArguments(task="token_classification", teacher_model_name_or_path="-", dataset_name="-",
-                         text_column="tokens", label_column="tags")
-    data, _ = prepare(args, datasets.Dataset.from_list([{"tokens": ["good", "film"], "tags": [1, 0]}]), tokenizer, None)
+    args = DataArguments(dataset_name="-", text_column="tokens", label_column="tags")
+    tokenize = TOKENIZERS["token_classification"](args, tokenizer, None)
+    data = datasets.Dataset.from_list([{"tokens": ["good", "film"], "tags": [1, 0]}]).map(tokenize, batched=True,
+                                                                                          remove_columns=["tokens", "tags"])
     assert data[0]["labels"] == [-100, 1, 0, -100]  # [CLS] good film [SEP]
 
 

@@ -2,7 +2,7 @@
 
 ``evaluate.load("accuracy")`` downloads the metric script from the Hugging Face Hub and fails
 without a connection. :func:`load_metric` first looks for a bundled copy under
-``hf_kd/metrics/<name>/<name>.py`` (currently: ``accuracy``) and loads it from that local path,
+``hf_kd/apps/metrics/<name>/<name>.py`` (currently: ``accuracy``) and loads it from that local path,
 which ``evaluate`` does without touching the network (checked with sockets blocked and with
 ``HF_HUB_OFFLINE=1``); any other name goes to ``evaluate.load(name)`` unchanged.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+
+import evaluate
 
 __all__ = ["LOCAL_METRICS_DIR", "load_metric", "local_metric_path"]
 
@@ -39,8 +41,6 @@ def load_metric(name: str, **kwargs):
     on that lock. In memory no file is written at all. With ``num_process > 1`` (distributed
     evaluation, where all processes must share the file and the id) nothing is changed.
     """
-    import evaluate  # heavy; import on first use
-
     path = local_metric_path(name) or name
     if int(kwargs.get("num_process", 1)) <= 1:
         kwargs.setdefault("keep_in_memory", True)

@@ -5,11 +5,11 @@ offline. This file is a self-contained copy of the same metric (same name, same 
 output key) that ``evaluate.load`` can import from a local path without any network access::
 
     import evaluate
-    metric = evaluate.load("/path/to/hf_kd/metrics/accuracy")        # folder ...
-    metric = evaluate.load("/path/to/hf_kd/metrics/accuracy/accuracy.py")  # ... or file
+    metric = evaluate.load("/path/to/hf_kd/apps/metrics/accuracy")        # folder ...
+    metric = evaluate.load("/path/to/hf_kd/apps/metrics/accuracy/accuracy.py")  # ... or file
     metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])      # {"accuracy": 0.666...}
 
-Use ``hf_kd.metrics.load_metric("accuracy")`` to get it without spelling out the path.
+Use ``hf_kd.apps.metrics.load_metric("accuracy")`` to get it without spelling out the path.
 
 Keep the imports in this file to ``datasets``/``evaluate``/the standard library: ``evaluate``
 copies the script into its dynamic-module cache and checks every import it finds there.
@@ -35,7 +35,7 @@ Returns:
     accuracy (`float` or `int`): Accuracy in [0, 1] (or the weighted count when normalize=False).
 
 Examples:
-    >>> metric = evaluate.load("hf_kd/metrics/accuracy")
+    >>> metric = evaluate.load("hf_kd/apps/metrics/accuracy")
     >>> metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0])
     {'accuracy': 0.5}
 """

@@ -50,7 +50,7 @@ positive. It is not the Hub corpus (10,662 snippets, balanced 50/50): the majori
 accuracy here is ~0.58, not 0.50.
 
 Nothing here imports a stand-in package at module import time, and nothing is printed: messages
-go to ``logging.getLogger("hf_kd.offline")`` at INFO.
+go to ``logging.getLogger("hf_kd.apps.offline")`` at INFO.
 """
 
 from __future__ import annotations

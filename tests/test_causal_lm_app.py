@@ -1,4 +1,5 @@
-"""hf_kd.lm_pipeline: packing, padding, perplexity, and one end-to-end run on a tiny Llama checked by hand."""
+"""`hf-kd distill` with task causal_lm (hf_kd.apps.data, hf_kd.apps.evaluation): packing, padding, perplexity,
+and one end-to-end run on a tiny Llama checked by hand."""
 
 from __future__ import annotations
 
@@ -13,15 +14,11 @@ from conftest import WORDS, build_tokenizer, make_llama
 from transformers import AutoModelForCausalLM, Trainer
 
 from hf_kd import DistillationConfig
-from hf_kd.lm_pipeline import (
-    LMArguments,
-    pack_blocks,
-    pad_batch,
-    parse_args,
-    perplexity,
-    run_causal_lm,
-    tokenize_texts,
-)
+from hf_kd.apps.arguments import DataArguments, ModelArguments, RunArguments
+from hf_kd.apps.data import pack_blocks, tokenize_texts
+from hf_kd.apps.distill import run_distill
+from hf_kd.apps.evaluation import pad_batch, perplexity
+from hf_kd.apps.recipes import parse_distill_args
 from hf_kd.student import student_from_teacher
 from hf_kd.trainer import DistillationTrainer
 
@@ -116,20 +113,20 @@ def test_pipeline_end_to_end_perplexities_and_identical_starts(tmp_path, teacher
     monkeypatch.setattr(DistillationTrainer, "train", recording(DistillationTrainer))
     monkeypatch.setattr(Trainer, "train", recording(Trainer))
 
-    lm_args = LMArguments(
-        teacher_model_name_or_path=str(teacher_dir), student_layers=json.dumps(LAYERS), dataset_name=str(data),
-        block_size=16, eval_batch_size=4,
-    )
+    model_args = ModelArguments(teacher_model_name_or_path=str(teacher_dir), task="causal_lm",
+                                student_layers=json.dumps(LAYERS))
+    data_args = DataArguments(dataset_name=str(data), block_size=16)
     config = DistillationConfig(
         output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
         temperature=1.0, alpha=0.5, report_to=[], save_strategy="no", use_cpu=True, seed=0,
     )
-    results = run_causal_lm(lm_args, config)
+    results = run_distill(model_args, data_args, RunArguments(baseline=True, report=True), config)
+    ppl = {name: results[key]["perplexity"] for name, key in (("teacher", "teacher_model"), ("student_init",
+           "student_at_init"), ("distilled", "distilled"), ("baseline", "baseline"))}
 
     tok = lm_tokenizer()
     texts = [t for t in (data / "test.txt").read_text().splitlines() if t.strip()]
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    ppl = results["perplexity"]
     assert ppl["teacher"] == pytest.approx(reference_perplexity(teacher, tok, texts), rel=1e-5)
     assert ppl["student_init"] == pytest.approx(
         reference_perplexity(student_from_teacher(teacher, LAYERS), tok, texts), rel=1e-5
@@ -145,21 +142,24 @@ def test_pipeline_end_to_end_perplexities_and_identical_starts(tmp_path, teacher
     kd_start, base_start = starts["DistillationTrainer"], starts["Trainer"]
     assert kd_start.keys() == base_start.keys()
     assert all(torch.equal(kd_start[k], base_start[k]) for k in kd_start)
-    assert results["steps"] == 3
+    assert results["distilled"]["steps"] == results["baseline"]["steps"] == 3
     assert any(not torch.equal(distilled.state_dict()[k], baseline.state_dict()[k]) for k in kd_start)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["perplexity"] == pytest.approx(ppl)
-    assert "| distilled student |" in (tmp_path / "out" / "results.md").read_text()
+    assert {k: saved[k]["perplexity"] for k in ("teacher_model", "student_at_init", "distilled", "baseline")} == (
+        pytest.approx({k: results[k]["perplexity"] for k in ("teacher_model", "student_at_init", "distilled", "baseline")}))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| Perplexity |" in report and "| distilled |" in report
 
 
 def test_recipe_parses_and_says_how_to_run_it():
     recipe = ROOT / "recipes" / "smollm2.yaml"
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# python -m hf_kd.lm_pipeline --config recipes/smollm2.yaml"), first
-    lm_args, config = parse_args(["--config", str(recipe)])
+    assert first.startswith("# hf-kd distill --config smollm2"), first
+    lm_args, data_args, run_args, config = parse_distill_args(["--config", str(recipe)])
+    assert lm_args.task == "causal_lm" and data_args.block_size == 64 and run_args.baseline
     assert lm_args.teacher_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert json.loads(lm_args.student_layers) == list(range(2, 31, 2))
     assert config.kd_loss == "forward_kl" and config.max_steps == 30
-    quick, quick_config = parse_args(["--config", str(recipe), "--quick", "--max_steps", "7"])
+    _, quick, _, quick_config = parse_distill_args(["--config", "smollm2", "--quick", "--max_steps", "7"])
     assert quick_config.max_steps == 7 and quick.max_eval_samples == 20  # command line over quick over recipe
     assert quick_config.output_dir != config.output_dir

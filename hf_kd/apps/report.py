@@ -1,7 +1,8 @@
-"""The demo report: accuracy, size and speed of teacher, distilled student and baseline.
+"""The run report: the task's held-out metric, size and speed of teacher, distilled student and baseline.
 
-``write_report(output_dir, results, log_history, settings)`` writes ``report.md`` (tables) and
-``report.png`` (accuracy bars and loss components over training steps). ``results`` is a list of
+``write_report(output_dir, results, log_history, settings, metric="accuracy")`` writes ``report.md``
+(tables) and ``report.png`` (metric bars and loss components over training steps). ``metric`` names the
+score (accuracy, token_accuracy, exact_match, perplexity); ``higher_is_better=False`` for perplexity. ``results`` is a list of
 :class:`ModelResult`; the rows named ``teacher``, ``distilled`` and ``baseline`` (the student
 architecture fine-tuned without distillation) give the "gap recovered" figure.
 ``log_history`` is ``trainer.state.log_history``. Plotting uses matplotlib's Agg canvas
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .losses import COMPONENTS
-from .measure import count_parameters, measure_latency_ms, size_on_disk_mb
+from ..losses import COMPONENTS
+from ..measure import count_parameters, measure_latency_ms, size_on_disk_mb
 
 __all__ = [
     "ModelResult",
@@ -42,7 +43,7 @@ LOSS_COMPONENTS = ("loss", *COMPONENTS)
 @dataclass
 class ModelResult:
     name: str
-    accuracy: float
+    score: float  # the task's held-out metric (report's `metric`)
     parameters: int
     size_mb: float
     latency_b1_ms: float
@@ -50,16 +51,19 @@ class ModelResult:
     train_seconds: float | None = None
 
 
-def gap_recovered(teacher_acc: float, distilled_acc: float, baseline_acc: float) -> float | None:
+def gap_recovered(teacher_acc: float, distilled_acc: float, baseline_acc: float, higher_is_better: bool = True) -> float | None:
     """Share of the teacher-over-baseline gap that distillation recovered.
 
     ``(distilled - baseline) / (teacher - baseline)``: 1.0 = as good as the teacher, 0.0 = no
     better than the baseline, negative = worse, above 1 = better than the teacher. None when the
-    teacher is not better than the baseline (no gap to recover) or an input is missing/NaN.
+    teacher is not better than the baseline (no gap to recover) or an input is missing/NaN. With
+    ``higher_is_better=False`` (perplexity) "better" means lower; the formula is the same.
     """
     values = (teacher_acc, distilled_acc, baseline_acc)
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         return None
+    if not higher_is_better:
+        teacher_acc, distilled_acc, baseline_acc = -teacher_acc, -distilled_acc, -baseline_acc
     if teacher_acc <= baseline_acc:
         return None
     return (distilled_acc - baseline_acc) / (teacher_acc - baseline_acc)
@@ -80,6 +84,10 @@ def _find(results: Sequence[ModelResult], role: str) -> ModelResult | None:
         if pattern.match(r.name.strip()):
             return r
     return None
+
+
+def _title(metric: str) -> str:
+    return metric.replace("_", " ").capitalize()
 
 
 def _finite(value) -> bool:
@@ -139,18 +147,32 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Seque
     return lines
 
 
-def _gap_line(results: Sequence[ModelResult]) -> str:
+def _number_cells(r: ModelResult, teacher: ModelResult | None) -> list[str]:
+    """Score, parameters (M), size, latencies and speed-up of one row, formatted."""
+    speed = _speedup(r, teacher)
+    return [
+        _fmt(r.score, ".4f"),
+        _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
+        _fmt(r.size_mb, ".1f"),
+        _fmt(r.latency_b1_ms, ".2f"),
+        _fmt(r.latency_b32_ms, ".2f"),
+        f"{speed:.2f}x" if speed is not None else "n/a",
+    ]
+
+
+def _gap_line(results: Sequence[ModelResult], higher_is_better: bool = True) -> str:
     teacher, distilled, baseline = (_find(results, role) for role in ("teacher", "distilled", "baseline"))
     missing = [role for role, r in (("teacher", teacher), ("distilled", distilled), ("baseline", baseline)) if r is None]
     if missing:
         return f"Gap recovered: n/a (no result named {', '.join(missing)})"
-    gap = gap_recovered(teacher.accuracy, distilled.accuracy, baseline.accuracy)
+    gap = gap_recovered(teacher.score, distilled.score, baseline.score, higher_is_better)
     formula = (
-        f"(distilled {_fmt(distilled.accuracy, '.4f')} - baseline {_fmt(baseline.accuracy, '.4f')}) / "
-        f"(teacher {_fmt(teacher.accuracy, '.4f')} - baseline {_fmt(baseline.accuracy, '.4f')})"
+        f"(distilled {_fmt(distilled.score, '.4f')} - baseline {_fmt(baseline.score, '.4f')}) / "
+        f"(teacher {_fmt(teacher.score, '.4f')} - baseline {_fmt(baseline.score, '.4f')})"
     )
     if gap is None:
-        return f"Gap recovered: n/a (the teacher is not more accurate than the baseline: no gap to recover; {formula})"
+        worse = "not more accurate than" if higher_is_better else "not below"
+        return f"Gap recovered: n/a (the teacher is {worse} the baseline: no gap to recover; {formula})"
     return f"Gap recovered: {gap:.1%} = {formula}"
 
 
@@ -160,7 +182,8 @@ def _gap_line(results: Sequence[ModelResult]) -> str:
 
 
 def render_markdown(
-    results: list[ModelResult], log_history: list[dict], settings: dict, *, image: str | None = None
+    results: list[ModelResult], log_history: list[dict], settings: dict, *, image: str | None = None,
+    metric: str = "accuracy", higher_is_better: bool = True,
 ) -> str:
     """The report as Markdown: results table, gap recovered, settings, loss components.
 
@@ -168,7 +191,7 @@ def render_markdown(
     """
     teacher = _find(results, "teacher")
     with_time = any(r.train_seconds is not None for r in results)
-    header = ["Model", "Accuracy", "Params (M)", "Size (MB)", "Latency b1 (ms)", "Latency b32 (ms)",
+    header = ["Model", _title(metric), "Params (M)", "Size (MB)", "Latency b1 (ms)", "Latency b32 (ms)",
               "Speed-up vs teacher (b32)"]
     align = ["---", "--:", "--:", "--:", "--:", "--:", "--:"]
     if with_time:
@@ -176,25 +199,16 @@ def render_markdown(
         align.append("--:")
     rows = []
     for r in results:
-        speed = _speedup(r, teacher)
-        row = [
-            _cell(r.name),
-            _fmt(r.accuracy, ".4f"),
-            _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
-            _fmt(r.size_mb, ".1f"),
-            _fmt(r.latency_b1_ms, ".2f"),
-            _fmt(r.latency_b32_ms, ".2f"),
-            f"{speed:.2f}x" if speed is not None else "n/a",
-        ]
+        row = [_cell(r.name), *_number_cells(r, teacher)]
         if with_time:
             row.append(_fmt(r.train_seconds, ".0f", missing="-"))
         rows.append(row)
 
     lines = ["# Distillation report", ""]
     lines += _md_table(header, rows, align)
-    lines += ["", _gap_line(results), ""]
+    lines += ["", _gap_line(results, higher_is_better), ""]
     if image:
-        lines += [f"![accuracy and loss components]({image})", ""]
+        lines += [f"![{metric.replace('_', ' ')} and loss components]({image})", ""]
 
     lines += ["## Settings", ""]
     if settings:
@@ -218,22 +232,11 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def format_console(results: list[ModelResult]) -> str:
+def format_console(results: list[ModelResult], metric: str = "accuracy", higher_is_better: bool = True) -> str:
     """A compact plain-text table of ``results`` (plus the gap-recovered line) for printing."""
     teacher = _find(results, "teacher")
-    header = ["model", "acc", "params M", "MB", "b1 ms", "b32 ms", "speed-up"]
-    rows = []
-    for r in results:
-        speed = _speedup(r, teacher)
-        rows.append([
-            r.name,
-            _fmt(r.accuracy, ".4f"),
-            _fmt(r.parameters / 1e6 if _finite(r.parameters) else None, ".2f"),
-            _fmt(r.size_mb, ".1f"),
-            _fmt(r.latency_b1_ms, ".2f"),
-            _fmt(r.latency_b32_ms, ".2f"),
-            f"{speed:.2f}x" if speed is not None else "n/a",
-        ])
+    header = ["model", "acc" if metric == "accuracy" else metric, "params M", "MB", "b1 ms", "b32 ms", "speed-up"]
+    rows = [[r.name, *_number_cells(r, teacher)] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
     def line(cells):
@@ -241,7 +244,7 @@ def format_console(results: list[ModelResult]) -> str:
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows]
-    out.append(_gap_line(results))
+    out.append(_gap_line(results, higher_is_better))
     return "\n".join(out)
 
 
@@ -250,8 +253,9 @@ def format_console(results: list[ModelResult]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_report(results: list[ModelResult], log_history: list[dict], path: str | os.PathLike) -> str:
-    """Save a two-panel PNG: accuracy per model, and loss components over training steps.
+def plot_report(results: list[ModelResult], log_history: list[dict], path: str | os.PathLike,
+                metric: str = "accuracy") -> str:
+    """Save a two-panel PNG: the metric per model, and loss components over training steps.
 
     Uses ``matplotlib.figure.Figure`` with ``FigureCanvasAgg`` directly: pyplot and the user's
     backend are not touched. Returns the path written.
@@ -264,18 +268,19 @@ def plot_report(results: list[ModelResult], log_history: list[dict], path: str |
     ax_acc, ax_loss = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
 
     names = [r.name for r in results]
-    accs = [r.accuracy if _finite(r.accuracy) else 0.0 for r in results]
+    accs = [r.score if _finite(r.score) else 0.0 for r in results]
     palette = {"teacher": "#4c72b0", "distilled": "#55a868", "baseline": "#c44e52"}
     colors = [palette.get(n.strip().lower().split()[0] if n.strip() else "", "#8172b2") for n in names]
     bars = ax_acc.bar(range(len(names)), accs, color=colors)
     ax_acc.set_xticks(range(len(names)))
     ax_acc.set_xticklabels(names, rotation=15 if len(names) > 3 else 0)
     for bar, r in zip(bars, results):
-        ax_acc.annotate(_fmt(r.accuracy, ".3f"), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ax_acc.annotate(_fmt(r.score, ".3f"), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
-    ax_acc.set_ylim(0, 1.08)
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.set_title("Accuracy")
+    if metric not in ("perplexity",):  # a share in [0, 1]
+        ax_acc.set_ylim(0, 1.08)
+    ax_acc.set_ylabel(metric.replace("_", " "))
+    ax_acc.set_title(_title(metric))
     ax_acc.grid(axis="y", alpha=0.3)
 
     rows = training_log(log_history)
@@ -301,7 +306,8 @@ def plot_report(results: list[ModelResult], log_history: list[dict], path: str |
     return path
 
 
-def write_report(output_dir: str | os.PathLike, results: list[ModelResult], log_history: list[dict], settings: dict) -> dict:
+def write_report(output_dir: str | os.PathLike, results: list[ModelResult], log_history: list[dict], settings: dict,
+                 metric: str = "accuracy", higher_is_better: bool = True) -> dict:
     """Write ``report.md`` and ``report.png`` into ``output_dir`` (created if needed).
 
     Returns ``{"markdown": <path of report.md>, "plot": <path of report.png>}``.
@@ -310,6 +316,7 @@ def write_report(output_dir: str | os.PathLike, results: list[ModelResult], log_
     out.mkdir(parents=True, exist_ok=True)
     png = out / "report.png"
     md = out / "report.md"
-    plot_report(results, log_history, png)
-    md.write_text(render_markdown(results, log_history, settings, image=png.name), encoding="utf-8")
+    plot_report(results, log_history, png, metric=metric)
+    md.write_text(render_markdown(results, log_history, settings, image=png.name, metric=metric,
+                                  higher_is_better=higher_is_better), encoding="utf-8")
     return {"markdown": str(md), "plot": str(png)}

@@ -1,0 +1,113 @@
+"""Recipes: flat YAML of recipe fields (`hf_kd.apps.arguments` and `DistillationConfig`), found by path or
+by the name of a packaged recipe (`rotten_tomatoes`, `tasks/causal_lm`, `methods/rkd.yaml`), turned into
+command-line words so that the command line overrides them, then into the dataclasses.
+
+An optional `quick:` block holds the overrides that `--quick` applies; `base: OTHER.yaml` (relative to the
+recipe) starts from another recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .arguments import PARSER_TYPES
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "rotten_tomatoes"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file: `name` itself when it is a file, else the packaged recipe of that name (.yaml optional)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / path, RECIPES_DIR / f"{path}.yaml"):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    raise SystemExit(f"hf-kd: recipe {name} does not exist. Pass --config FILE.yaml or a packaged recipe: "
+                     f"{', '.join(names)}.")
+
+
+def load_recipe(path: str | Path, quick: bool = False) -> dict:
+    """A recipe's fields (with its `quick:` block applied when `quick`). `base: OTHER.yaml` (relative to the
+    recipe) starts from that recipe: its fields, then this one's; the quick blocks merge the same way."""
+    recipe, quick_block = _read_recipe(find_recipe(path), ())
+    if quick:
+        recipe.update(quick_block)
+    return recipe
+
+
+def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise SystemExit(f"hf-kd: recipe {path} does not exist. Pass --config recipes/NAME.yaml.")
+    if path.resolve() in seen:
+        raise SystemExit(f"hf-kd: recipe {path} names itself as a base, through {[str(p) for p in seen]}.")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise SystemExit(f"hf-kd: recipe {path} must be a mapping of field: value.")
+    quick_block = recipe.pop("quick", None) or {}
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe, quick_block
+    fields, base_quick = _read_recipe(path.parent / base, (*seen, path.resolve()))
+    return {**fields, **recipe}, {**base_quick, **quick_block}
+
+
+def _argv_from_recipe(recipe: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """Turn recipe values into command-line words so that the command line can override them."""
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        action = parser._option_string_actions[f"--{key}"]
+        argv.append(f"--{key}")
+        if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, (list, dict)):
+            argv.append(json.dumps(value))
+        elif isinstance(value, bool):
+            argv.append(str(value).lower())
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> None:
+    valid = {a.dest for a in parser._actions if a.dest != "help"}
+    unknown = [k for k in recipe if k not in valid]
+    if unknown:
+        lines = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, valid, n=1)
+            lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        raise SystemExit(f"hf-kd: unknown key in {source}: {', '.join(lines)}. Run `hf-kd distill --help` for fields.")
+
+
+def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) -> tuple:
+    """The dataclasses `types` filled from a recipe (`--config`, `--quick`) plus command-line overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=default_config, required=default_config is None)
+    pre.add_argument("--quick", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(types, prog=prog)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        raise SystemExit(0)
+    recipe = load_recipe(known.config, quick=known.quick)
+    check_keys(recipe, parser, str(known.config))
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest))
+    except ValueError as err:
+        raise SystemExit(f"hf-kd: {err}") from None
+
+
+def parse_distill_args(argv: list[str]):
+    """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
+    return parse_recipe_args(PARSER_TYPES, argv, "hf-kd distill", default_config=DEFAULT_RECIPE)
