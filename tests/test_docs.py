@@ -7,7 +7,6 @@ Hub push, a GPU, `accelerate launch`) is preceded by `<!-- not-run: REASON -->`;
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -19,10 +19,6 @@ OPTIONAL = ("matplotlib", "deepspeed", "torch.distributed", "huggingface_hub", "
 # Resolving a Hub id must stay light (tests/test_offline.py pins that it imports neither torch nor datasets):
 # transformers is imported only when a GGUF stand-in is built.
 LIGHT = {"hf_kd.apps.offline": ("transformers",)}
-# Modules being refactored on other branches of issue 14 when this test was written (the trainer and its
-# collaborators, the card, the cache format, adapters, student, distributed): their imports inside functions
-# are not checked yet. Remove each entry once its module passes; the lead empties this set.
-PENDING = {"hf_kd.trainer", "hf_kd.adapters", "hf_kd.distributed", "hf_kd.hub", "hf_kd.student", "hf_kd.teacher_cache"}
 
 
 def module_name(path: Path) -> str:
@@ -62,10 +58,9 @@ def imports(name: str) -> list[tuple[str, bool, int]]:
     return found
 
 
-def graph(pending: bool = False) -> dict[str, set[str]]:
-    """Module -> the hf_kd modules it imports; `pending`: without the PENDING modules' imports inside functions."""
-    return {name: {t for t, inner, _ in imports(name) if t in MODULES and t != name
-                   and not (pending and inner and name in PENDING)} for name in MODULES}
+def graph() -> dict[str, set[str]]:
+    """Module -> the hf_kd modules it imports (at module level or inside a function)."""
+    return {name: {t for t, _, _ in imports(name) if t in MODULES and t != name} for name in MODULES}
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -106,7 +101,7 @@ def test_the_walk_sees_the_modules_and_their_imports():
 
 
 def test_no_import_circle():
-    cycle = find_cycle(graph(pending=True))
+    cycle = find_cycle(graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
@@ -119,6 +114,6 @@ def test_the_core_imports_no_application():
 def test_imports_inside_functions_are_of_optional_packages_only():
     bad = [f"{name}:{line} imports {target} inside a function" for name in MODULES
            for target, inner, line in imports(name)
-           if inner and name not in PENDING
+           if inner
            and not any(target == o or target.startswith(o + ".") for o in OPTIONAL + LIGHT.get(name, ()))]
     assert not bad, "\n".join(bad)

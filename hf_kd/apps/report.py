@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
