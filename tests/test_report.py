@@ -105,10 +105,10 @@ def test_measure_latency_ms():
 
 def test_measure_latency_is_median(monkeypatch):
     """perf_counter deltas 1, 100, 2 (ms): the median is 2, not the mean."""
-    import hf_kd.apps.report as report
+    import hf_kd.measure as measure
 
     ticks = iter([0.0, 0.001, 1.0, 1.1, 2.0, 2.002])
-    monkeypatch.setattr(report.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
     model = torch.nn.Linear(3, 2)
     assert measure_latency_ms(model, {"input": torch.ones(1, 3)}, repeats=3, warmup=0) == pytest.approx(2.0)
 
