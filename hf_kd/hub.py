@@ -118,13 +118,16 @@ class CardInfo:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded verbatim in the provenance
 
     @classmethod
-    def from_cli_args(cls, model_args, data_args, run_args=None, *, student_init=None, argv=None) -> "CardInfo":
-        """The card facts of an ``hf-kd distill`` run: its command line, recipe text and parsed arguments."""
+    def from_cli_args(cls, model_args, data_args, run_args=None, *, student_init=None, argv=None,
+                      recipe=None) -> "CardInfo":
+        """The card facts of an ``hf-kd distill`` run: its command line, recipe text and parsed arguments.
+
+        `recipe`: the recipe file that ran (default: the file named by ``--config`` in `argv`)."""
         argv = list(sys.argv if argv is None else argv)
         extra: dict[str, Any] = {"model_args": _plain(model_args), "data_args": _plain(data_args)}
         if run_args is not None:
             extra["run_args"] = _plain(run_args)
-        recipe = _recipe_path(argv)
+        recipe = Path(recipe) if recipe is not None else _recipe_path(argv)
         if recipe is not None and recipe.is_file():
             extra["recipe"] = {"path": str(recipe), "text": recipe.read_text()}
         epochs = getattr(model_args, "teacher_finetune_epochs", 0) or 0

@@ -14,7 +14,7 @@ from conftest import build_tokenizer, make_bert, write_tiny_csv
 from safetensors.torch import load_file
 
 from hf_kd import DistillationConfig
-from hf_kd.apps.recipes import load_recipe
+from hf_kd.apps.recipes import load_recipe, recipe_of
 from hf_kd.cli import PARSER_TYPES, main, parse_distill_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,13 @@ def test_config_names_a_packaged_recipe(name, tmp_path, monkeypatch):
     stem = name.removesuffix(".yaml")
     assert load_recipe(PACKAGED / f"{stem}.yaml") == load_recipe(name)
     assert model.task == ("causal_lm" if stem == "tasks/causal_lm" else "sequence_classification")
+
+
+def test_recipe_of_a_command_line_is_its_config_or_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert recipe_of(["--config", "methods/rkd", "--temperature", "3"]) == PACKAGED / "methods" / "rkd.yaml"
+    assert recipe_of(["--quick"]) == PACKAGED / "rotten_tomatoes.yaml"
+    assert recipe_of(["--config", "no_such_recipe"]) is None
 
 
 def test_an_unknown_recipe_name_lists_the_packaged_ones():

@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 import hf_kd
 from hf_kd import CardInfo, DistillationConfig, DistillationTrainer, PushError, push_student, weights_sha256
+from hf_kd.apps.recipes import recipe_of
 from hf_kd.cli import DataArguments, ModelArguments, RunArguments, main
 from hf_kd.hub import (
     CARD_NAME,
@@ -192,6 +193,10 @@ def test_card_info_from_the_command_line_records_the_command_and_the_recipe():
     assert info.dataset == data_args.dataset_name and info.eval_split == "test"
     assert info.extra["recipe"]["text"] == recipe.read_text()
     assert info.extra["model_args"]["student_layers"] == "[3]"
+    # A packaged recipe named without a path (`--config tiny`) is recorded once the app resolves it.
+    named = CardInfo.from_cli_args(model_args, data_args, argv=["hf-kd", "distill", "--config", "tiny"],
+                                   recipe=recipe_of(["--config", "tiny"]))
+    assert named.extra["recipe"]["text"] == recipe.read_text()
 
 
 def test_a_card_without_evaluation_still_parses():

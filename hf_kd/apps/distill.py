@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .data import collator_for, load_data
 from .evaluation import CARD_METRICS, LOWER_IS_BETTER, METRICS, evaluate
 from .models import load_teachers, make_student
 from .offline import resolve_model
+from .recipes import recipe_of
 from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
 
 
@@ -71,7 +73,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         processing_class=tokenizer,
         compute_metrics=CARD_METRICS.get(task),
     )
-    trainer.card_info = CardInfo.from_cli_args(model_args, data_args, run_args, student_init=student_init)
+    trainer.card_info = CardInfo.from_cli_args(model_args, data_args, run_args, student_init=student_init,
+                                               recipe=recipe_of(sys.argv[1:]))
     say("distilling")
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

@@ -35,6 +35,17 @@ def find_recipe(name: str | Path) -> Path:
                      f"{', '.join(names)}.")
 
 
+def recipe_of(argv: list[str]) -> Path | None:
+    """The recipe file a distill command line runs: its ``--config`` (a file or a packaged name), else the default."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=DEFAULT_RECIPE)
+    known, _ = pre.parse_known_args(argv)
+    try:
+        return find_recipe(known.config)
+    except SystemExit:  # a command line that named no runnable recipe: the card records none
+        return None
+
+
 def load_recipe(path: str | Path, quick: bool = False) -> dict:
     """A recipe's fields (with its `quick:` block applied when `quick`). `base: OTHER.yaml` (relative to the
     recipe) starts from that recipe: its fields, then this one's; the quick blocks merge the same way."""
