@@ -52,10 +52,17 @@ def parse_push_args(argv: list[str]) -> argparse.Namespace:
 
 def parse_cache_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """`hf-kd cache-teacher`'s own options; the rest is a distill command line (recipe, overrides, output_dir)."""
-    parser = argparse.ArgumentParser(prog="hf-kd cache-teacher", add_help=False)
+    parser = argparse.ArgumentParser(
+        prog="hf-kd cache-teacher", add_help=False,
+        description="Run a recipe's teacher once over its training rows and save its top-k logits (and, optionally, "
+        "hidden states) for hf-kd distill --teacher_cache DIR. Its own options come first; the rest is a distill "
+        "command line (the recipe and any of its fields, listed after these).")
     parser.add_argument("--top_k", type=int, default=64, help="Teacher logits kept per row (capped at the classes).")
     parser.add_argument("--cache_hidden", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                         help="Also keep the hidden states of the teacher layers the recipe's layer_map needs (fp16).")
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
     return parser.parse_known_args(argv)
 
 
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in ("distill", "cache-teacher"):
         options, rest = parse_cache_args(rest) if command == "cache-teacher" else (None, rest)
-        parsed = parse_distill_args(rest)
+        parsed = parse_distill_args(rest, prog=f"hf-kd {command}")
         check_model_paths(parsed[0])
         try:
             if options is None:

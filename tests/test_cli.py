@@ -76,8 +76,20 @@ def test_distill_help_lists_the_recipe_fields(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     for name in ("--teacher_model_name_or_path", "--task", "--student_layers", "--block_size", "--baseline",
-                 "--temperature", "--learning_rate"):
+                 "--temperature", "--learning_rate", "--config", "--quick"):
         assert name in out
+    assert out.startswith("usage: hf-kd distill")
+
+
+def test_cache_teacher_help_lists_its_own_options_then_the_recipe_fields(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["cache-teacher", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-kd cache-teacher") and "usage: hf-kd distill" not in out
+    for name in ("--top_k", "--cache_hidden", "--config", "--quick", "--teacher_model_name_or_path", "--temperature"):
+        assert name in out
+    assert out.index("--top_k") < out.index("--teacher_model_name_or_path")
 
 
 def test_unknown_recipe_key_names_the_nearest_valid_one(tmp_path):

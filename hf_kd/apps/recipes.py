@@ -109,6 +109,7 @@ def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) ->
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(types, prog=prog)
     if "-h" in rest or "--help" in rest:
+        _add_recipe_options(parser, default_config)  # listed in the help; parsed by `pre` above
         parser.print_help()
         raise SystemExit(0)
     recipe = load_recipe(known.config, quick=known.quick)
@@ -119,6 +120,14 @@ def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) ->
         raise SystemExit(f"hf-kd: {err}") from None
 
 
-def parse_distill_args(argv: list[str]):
+def _add_recipe_options(parser: argparse.ArgumentParser, default_config) -> None:
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--config", default=default_config,
+                       help="A recipe: a YAML file or the name of a packaged recipe (e.g. tasks/causal_lm); its fields "
+                       "are the other options listed here, and those given on the command line override it.")
+    group.add_argument("--quick", action="store_true", help="Apply the recipe's quick: block (a short smoke run).")
+
+
+def parse_distill_args(argv: list[str], prog: str = "hf-kd distill"):
     """(ModelArguments, DataArguments, RunArguments, DistillationConfig) from a recipe plus overrides."""
-    return parse_recipe_args(PARSER_TYPES, argv, "hf-kd distill", default_config=DEFAULT_RECIPE)
+    return parse_recipe_args(PARSER_TYPES, argv, prog, default_config=DEFAULT_RECIPE)
