@@ -428,7 +428,5 @@ class DistillationTrainer(Trainer):
         if measure and (self.card_info or hub.CardInfo()).measure_latency and not self.backend.shards_models:
             timed = self._latency.measure(self.state.global_step, self._latency_batch,
                                           {"student": self._student(), "teacher": self.teacher})
-        if not self.backend.shards_models and self.teacher is not None:
-            self.teacher_set.remember_size()
         card.write_card(folder, self._provenance(overrides), self._evaluations, self.state.global_step,
                         length(self.eval_dataset), self._student(), self.teacher_set, self.args.device, timed)

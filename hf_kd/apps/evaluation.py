@@ -66,10 +66,10 @@ def _counts(task, model, dataset, collator, batch_size) -> tuple[float, int]:
         mask = labels != -100
         if task == "token_classification":
             total += int(((out.logits.argmax(-1).cpu() == labels) & mask).sum())
-        else:  # masked_lm, seq2seq_lm: the logits at a position predict its label
-            logits = out.logits.float().cpu()  # (B, T, V)
-            total += float(torch.nn.functional.cross_entropy(
-                logits[mask], labels[mask], reduction="sum"))
+        else:  # masked_lm, seq2seq_lm: the logits at a position predict its label; only labelled rows are read
+            rows = mask.to(out.logits.device)
+            logits = out.logits[rows].float()  # (N, V), N labelled positions
+            total += float(torch.nn.functional.cross_entropy(logits, labels.to(rows.device)[rows], reduction="sum"))
         count += int(mask.sum())
     model.train(was_training)
     return total, count

@@ -56,6 +56,7 @@ class Latency:
 
 def measurements(folder, student, teachers: TeacherSet, device, timed: tuple | None) -> dict:
     """Parameters, sizes and (when `timed` = (batch sizes, timings)) latencies of student and teacher."""
+    teachers.remember_size()  # once; a teacher partitioned at load keeps "unknown" (its facts were read before)
     t_size, t_source = teachers.size()
     out = {
         "device": str(device),
