@@ -84,6 +84,8 @@ NOT_PUBLISHED_PREFIXES = ("kd_projections",)
 NOT_PUBLISHED_NAMES = ("trainer_state.json",)
 
 # Metrics Trainer.evaluate adds that describe the run, not the model.
+# metrics that are a share of rows, whose single-run standard error is binomial
+PROPORTION_METRICS = ("accuracy", "exact_match")
 _RUN_METRIC_SUFFIXES = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch")
 
 
@@ -458,10 +460,30 @@ def _evaluation_section(record: Mapping[str, Any], in_model_index: bool) -> list
         ratio = f"{s / t:.1%}" if metric != "loss" and isinstance(s, (int, float)) and t else "-"
         rows.append([metric, _fmt(s), _fmt(t), ratio])
     lines += _table(["metric", "student", "teacher", "student / teacher"], rows)
+    evaluation = record.get("evaluation") or {}
+    metric = next((m for m in PROPORTION_METRICS if m in s_eval), next(iter(s_eval), ""))
+    lines += ["", spread_note(metric, s_eval.get(metric), evaluation.get("rows"), evaluation.get("seeds"))]
     if s_eval and not in_model_index:
         lines += ["", "No `model-index` entry: the data set was not recorded "
                   "(`CardInfo(dataset=..., eval_split=...)`)."]
     return [*lines, ""]
+
+
+def spread_note(metric: str, value, rows, seeds: Mapping[str, Any] | None = None) -> str:
+    """How far to trust the numbers of a run. `seeds` (several seeds ran: ``{"seeds": [...], "metric": ...,
+    "mean": ..., "low": ..., "high": ...}``, the paired difference distilled - baseline) gives its 95% interval;
+    otherwise a single run's note, with the binomial standard error of a proportion `metric` on `rows` rows."""
+    if seeds:
+        return (f"Over {len(seeds['seeds'])} seeds ({', '.join(map(str, seeds['seeds']))}), {seeds['metric']} of the "
+                f"distilled student minus the label-only baseline (same seed, same steps): {seeds['mean']:+.4f}, "
+                f"95% confidence interval [{seeds['low']:+.4f}, {seeds['high']:+.4f}].")
+    note = "One training run, one seed: another seed moves these numbers"
+    if metric in PROPORTION_METRICS and isinstance(value, (int, float)) and 0 <= value <= 1 and isinstance(rows, int) \
+            and rows > 0:
+        se = math.sqrt(value * (1 - value) / rows)
+        note += f", and on {rows} evaluation rows {metric} has a standard error of about {se:.3f} by itself"
+    return note + ". Compare models over several seeds (hf_kd's `scripts/quality.py`: a 95% interval) before " \
+                  "trusting a small difference."
 
 
 def _size_section(measures: Mapping[str, Any]) -> list[str]:

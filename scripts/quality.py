@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import add_seed_arguments, paired_interval, run_seeds, seeds_of, summarize  # noqa: E402
 
 from hf_kd.apps.recipes import DEFAULT_RECIPE  # noqa: E402
+from hf_kd.hub import spread_note  # noqa: E402
 
 
 def one_seed(seed: int, config: str, overrides: list[str], output_dir: str) -> dict:
@@ -48,6 +49,20 @@ def one_seed(seed: int, config: str, overrides: list[str], output_dir: str) -> d
     }
     print(f"[quality] seed {seed}: {run}", flush=True)
     return run
+
+
+def record_seeds(folders: list[Path], seeds: dict) -> None:
+    """Each seed's saved student records the interval over all seeds; its card is rendered again from that."""
+    from hf_kd import hub
+
+    for folder in folders:
+        if not (folder / hub.PROVENANCE_NAME).is_file():
+            continue
+        record = hub.read_provenance(folder)
+        if record.get("evaluation"):
+            record["evaluation"]["seeds"] = seeds
+            hub.write_provenance(folder, record)
+            hub.render_card(record).save(folder / hub.CARD_NAME)
 
 
 def main() -> int:
@@ -79,6 +94,12 @@ def main() -> int:
     }
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    seeds_record = {"seeds": seeds, "metric": "accuracy", "mean": diff.mean, "low": diff.low, "high": diff.high}
+    record_seeds([Path(args.output_dir) / f"seed{s}" for s in seeds], seeds_record)
+    (Path(args.output_dir) / "report.md").write_text(
+        f"# Quality over seeds\n\nSeeds {seeds}: {which}. Teacher accuracy {teacher:.4f}.\n\n{table}\n\n"
+        f"{spread_note('accuracy', None, None, seeds_record)} Gap recovered {gap:.1%} (on means).\n\n"
+        f"`python scripts/quality.py {' '.join(sys.argv[1:])}`\n", encoding="utf-8")
     print()
     print(f"seeds {seeds}: {which}; teacher {teacher:.4f}")
     print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -230,6 +231,21 @@ def card_variant(**changes) -> dict:
     record = json.loads(json.dumps(CARD_RECORD))
     record.update(changes)
     return record
+
+
+def test_card_of_one_run_gives_the_binomial_error_of_its_accuracy():
+    record = card_variant(evaluation={**CARD_RECORD["evaluation"], "rows": 1000})
+    text = render_card(record).text
+    se = math.sqrt(0.8 * 0.2 / 1000)  # accuracy 0.8 on 1,000 rows
+    assert "One training run, one seed" in text and f"standard error of about {se:.3f}" in text
+    assert "standard error" not in render_card(card_variant(evaluation={"split": "test", "student": {"loss": 2.0}})).text
+
+
+def test_card_of_a_run_over_several_seeds_gives_the_interval_instead():
+    seeds = {"seeds": [100, 101, 102], "metric": "accuracy", "mean": 0.012, "low": 0.004, "high": 0.02}
+    text = render_card(card_variant(evaluation={**CARD_RECORD["evaluation"], "rows": 1000, "seeds": seeds})).text
+    assert "Over 3 seeds (100, 101, 102)" in text and "[+0.0040, +0.0200]" in text and "+0.0120" in text
+    assert "One training run" not in text
 
 
 @pytest.mark.parametrize("case", ["single", "several_teachers", "cached_teacher", "adapter", "no_evaluation",

@@ -162,6 +162,16 @@ def test_render_markdown_numbers():
     assert "0.9000 |" not in "\n".join(body) and "attention_loss" not in md
 
 
+def test_render_markdown_says_how_far_to_trust_the_numbers_under_the_gap_line():
+    from hf_kd.hub import spread_note
+
+    note = spread_note("accuracy", 0.85, 400)
+    lines = render_markdown(results(), LOG_HISTORY, SETTINGS, spread=note).splitlines()
+    gap = next(i for i, line in enumerate(lines) if line.startswith("Gap recovered"))
+    assert lines[gap + 2] == note and "0.018" in note  # sqrt(0.85 * 0.15 / 400) = 0.0179
+    assert "One training run" not in render_markdown(results(), LOG_HISTORY, SETTINGS)
+
+
 def test_render_markdown_missing_roles_and_no_gap():
     only_two = [r for r in results() if r.name != "baseline"]
     md = render_markdown(only_two, [], {})

@@ -22,7 +22,7 @@ from datasets import concatenate_datasets
 from transformers import AutoTokenizer, Trainer
 
 from ..config import DistillationConfig
-from ..hub import CardInfo, card_metrics
+from ..hub import CardInfo, card_metrics, spread_note
 from ..tasks import auto_class, model_inputs
 from ..teacher_cache import load_cached_dataset, read_cache_metadata
 from ..trainer import DistillationTrainer
@@ -208,8 +208,9 @@ def _report(task, models, results, held_out, tokenizer, data_args, trainer, conf
         "threads": torch.get_num_threads(),
     }
     higher = metric not in LOWER_IS_BETTER
+    spread = spread_note(metric, results["distilled"][metric], len(held_out))
     paths = write_report(config.output_dir, rows, trainer.state.log_history, settings, metric=metric,
-                         higher_is_better=higher)
+                         higher_is_better=higher, spread=spread)
     print(format_console(rows, metric=metric, higher_is_better=higher), flush=True)
     say(f"report: {paths}")
     return {"paths": {k: str(v) for k, v in paths.items()}, "models": [dataclasses.asdict(r) for r in rows]}

@@ -181,11 +181,12 @@ def _gap_line(results: Sequence[ModelResult], higher_is_better: bool = True) -> 
 
 def render_markdown(
     results: list[ModelResult], log_history: list[dict], settings: dict, *, image: str | None = None,
-    metric: str = "accuracy", higher_is_better: bool = True,
+    metric: str = "accuracy", higher_is_better: bool = True, spread: str | None = None,
 ) -> str:
     """The report as Markdown: results table, gap recovered, settings, loss components.
 
-    ``image``: a relative path of the chart to embed (``write_report`` passes ``report.png``).
+    ``image``: a relative path of the chart to embed (``write_report`` passes ``report.png``). ``spread``: how far
+    to trust the numbers (``hub.spread_note``), under the gap line.
     """
     teacher = _find(results, "teacher")
     with_time = any(r.train_seconds is not None for r in results)
@@ -205,6 +206,8 @@ def render_markdown(
     lines = ["# Distillation report", ""]
     lines += _md_table(header, rows, align)
     lines += ["", _gap_line(results, higher_is_better), ""]
+    if spread:
+        lines += [spread, ""]
     if image:
         lines += [f"![{metric.replace('_', ' ')} and loss components]({image})", ""]
 
@@ -305,7 +308,7 @@ def plot_report(results: list[ModelResult], log_history: list[dict], path: str |
 
 
 def write_report(output_dir: str | os.PathLike, results: list[ModelResult], log_history: list[dict], settings: dict,
-                 metric: str = "accuracy", higher_is_better: bool = True) -> dict:
+                 metric: str = "accuracy", higher_is_better: bool = True, spread: str | None = None) -> dict:
     """Write ``report.md`` and ``report.png`` into ``output_dir`` (created if needed).
 
     Returns ``{"markdown": <path of report.md>, "plot": <path of report.png>}``.
@@ -316,5 +319,5 @@ def write_report(output_dir: str | os.PathLike, results: list[ModelResult], log_
     md = out / "report.md"
     plot_report(results, log_history, png, metric=metric)
     md.write_text(render_markdown(results, log_history, settings, image=png.name, metric=metric,
-                                  higher_is_better=higher_is_better), encoding="utf-8")
+                                  higher_is_better=higher_is_better, spread=spread), encoding="utf-8")
     return {"markdown": str(md), "plot": str(png)}
