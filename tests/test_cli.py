@@ -208,6 +208,27 @@ def test_unlabelled_rows_feed_distillation_only(tiny_recipe):
     assert json.loads(teacher_info.read_text())["rows"] == 24
 
 
+def test_teacher_train_samples_fine_tunes_the_teacher_on_more_rows_than_the_student_sees(tiny_recipe):
+    """teacher_train_samples: the teacher saw labels of 56 rows; the student and baseline still see 24 labelled."""
+    path, tmp, _ = tiny_recipe
+    argv = ["distill", "--config", str(path), "--max_train_samples", "24", "--unlabelled_samples", "32",
+            "--teacher_train_samples", "56", "--teacher_finetune_epochs", "1", "--cache_dir", str(tmp / "cache"),
+            "--report", "false"]
+    assert main(argv) == 0
+    results = json.loads((tmp / "out" / "results.json").read_text())
+    assert results["train_rows"] == 24 and results["teacher_train_rows"] == 56
+    assert results["baseline"]["steps"] == results["distilled"]["steps"] == 7
+    (teacher_info,) = (tmp / "cache").rglob("hf_kd_teacher.json")
+    assert json.loads(teacher_info.read_text())["rows"] == 56
+
+
+def test_teacher_train_samples_beyond_the_split_are_refused(tiny_recipe):
+    path, tmp, _ = tiny_recipe
+    with pytest.raises(SystemExit, match="teacher_train_samples=100000"):
+        main(["distill", "--config", str(path), "--teacher_train_samples", "100000"])
+    assert not (tmp / "out").exists()
+
+
 def test_unlabelled_rows_beyond_the_split_are_refused(tiny_recipe):
     path, tmp, _ = tiny_recipe
     with pytest.raises(SystemExit, match="max_train_samples \\+ unlabelled_samples"):

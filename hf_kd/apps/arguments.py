@@ -128,6 +128,14 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out rows."})
+    teacher_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Classification tasks: fine-tune the teacher on the first N training rows (default: the labelled "
+            "rows, max_train_samples). Above max_train_samples, the teacher has seen labels the student never gets, "
+            "as a teacher fine-tuned elsewhere would; the student and the baseline still see the labelled rows only."
+        },
+    )
     unlabelled_samples: int | None = field(
         default=None,
         metadata={

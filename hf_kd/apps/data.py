@@ -44,6 +44,7 @@ class RunData:
     unlabelled: Dataset | None  # tokenised training rows with their labels dropped (distillation only)
     held_out: Dataset | None  # tokenised held-out rows (causal_lm: one text per row, input_ids only)
     names: list | None  # label names (classification tasks)
+    teacher_train: Dataset | None = None  # the teacher's fine-tune rows when not the labelled rows (teacher_train_samples)
 
 
 def load_raw(data_args):
@@ -126,9 +127,18 @@ def load_data(task: str, data_args, tokenizer) -> RunData:
             )
         unlabelled = _prepare(train, data_args.unlabelled_samples, tokenize, start=start)
         unlabelled = unlabelled.map(lambda row: {"labels": -100}, desc="drop labels")
+    teacher_train = None
+    if data_args.teacher_train_samples is not None:
+        if task not in LABELLED_TASKS:
+            raise SystemExit(f"hf-kd: teacher_train_samples is for classification tasks; a {task} teacher is "
+                             "fine-tuned on the training rows the student sees.")
+        if data_args.teacher_train_samples > len(train):
+            raise SystemExit(f"hf-kd: teacher_train_samples={data_args.teacher_train_samples}, but the "
+                             f"{data_args.train_split!r} split has {len(train)} rows; set it to at most that.")
+        teacher_train = _prepare(train, data_args.teacher_train_samples, tokenize)
     train = _prepare(train, data_args.max_train_samples, tokenize)
     held_out = _prepare(held, data_args.max_eval_samples, tokenize) if held is not None else None
-    return RunData(train, unlabelled, held_out, names)
+    return RunData(train, unlabelled, held_out, names, teacher_train)
 
 
 def _prepare(ds, limit, tokenize, start=0):

@@ -32,6 +32,7 @@ from .common import check_output_dir, plain_args, say
 from .data import collator_for, load_data
 from .evaluation import CARD_METRICS, LOWER_IS_BETTER, METRICS, evaluate
 from .models import load_teachers, make_student
+from .teacher import teacher_rows
 from .offline import resolve_model
 from .recipes import recipe_of
 from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
@@ -47,6 +48,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     extra = f" (+ {len(data.unlabelled)} unlabelled rows for distillation)" if data.unlabelled is not None else ""
     labels = f", labels {data.names}" if data.names is not None else ""
     held_out = data.held_out
+    if data.teacher_train is not None:
+        extra += f"; the teacher's fine-tune: the first {len(data.teacher_train)} rows, labelled"
     say(f"data: {len(data.train)} training rows{extra}, {len(held_out) if held_out else 0} held-out rows{labels}")
 
     teachers, prepared, seeds = load_teachers(model_args, data_args, config, data, tokenizer)
@@ -58,6 +61,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     results = {"hf_kd_version": __version__, "task": task, "metric": metric,
                "teacher": model_args.teacher_model_name_or_path, "student_init": student_init,
                "train_rows": len(data.train), "unlabelled_rows": len(data.unlabelled) if data.unlabelled else 0,
+               "teacher_train_rows": len(teacher_rows(data)) if model_args.teacher_finetune_epochs > 0 else 0,
                "teacher_model": {"path": prepared[0][0], "train_seconds": prepared[0][1]}}
     if measure is not None:  # the student as made, before any training (the trainer below seeds afresh)
         results["student_at_init"] = {metric: measure(student)}
@@ -195,6 +199,7 @@ def _report(task, models, results, held_out, tokenizer, data_args, trainer, conf
         "dataset": data_args.dataset_name,
         "train rows": results["train_rows"],
         "unlabelled rows (distillation only)": results["unlabelled_rows"],
+        "teacher fine-tune rows": results["teacher_train_rows"] or "none (given teacher)",
         "optimizer steps (each student)": results["distilled"]["steps"],
         "max_length": data_args.max_length,
         "epochs": config.num_train_epochs,

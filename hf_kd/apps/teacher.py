@@ -27,12 +27,17 @@ def label_kwargs(task: str, names: list | None) -> dict:
     return dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
 
 
+def teacher_rows(data):
+    """The rows the teacher is fine-tuned on: `teacher_train_samples` rows when set, else the labelled rows."""
+    return data.teacher_train if data.teacher_train is not None else data.train
+
+
 def cache_key(model_args, data_args, config, data, seed: int) -> dict:
     key = {
         "teacher": model_args.teacher_model_name_or_path,
         "dataset": data_args.dataset_name,
         "split": data_args.train_split,
-        "rows": len(data.train),
+        "rows": len(teacher_rows(data)),
         "labels": data.names,
         "epochs": model_args.teacher_finetune_epochs,
         "lr": model_args.teacher_learning_rate,
@@ -71,7 +76,7 @@ def prepare_teacher(model_args, data_args, config, data, tokenizer, seed: int | 
         )
         start = time.perf_counter()
         collator = collator_for(model_args.task, tokenizer, data_args, model)
-        trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
+        trainer = Trainer(model=model, args=args, train_dataset=teacher_rows(data), data_collator=collator,
                           processing_class=tokenizer)
         trainer.train()  # under several processes, one data-parallel fine-tune
         seconds = time.perf_counter() - start
