@@ -320,14 +320,16 @@ class DistillationTrainer(Trainer):
         With ``push_to_hub`` the folder is then pushed, as Trainer does. Call it on every process, as Trainer
         asks (evaluation is collective); only the main process writes.
         """
+        target = output_dir if output_dir is not None else self.args.output_dir
         # Written aside and renamed at the end: no half-written weights under the final names.
-        with self.checkpoints.saving(output_dir if output_dir is not None else self.args.output_dir) as folder:
+        with self.checkpoints.saving(target) as folder:
             with self._student_as_saved(final=not _internal_call):
                 super().save_model(folder, _internal_call=True)
                 if not _internal_call:
                     self._evaluate_for_card()
-                    if self.args.should_save:
-                        self._write_card(folder)
+                    if self.args.should_save:  # the card names the model after the folder it ends in
+                        self._write_card(folder, model_name=(self.card_info or hub.CardInfo()).model_name
+                                         or Path(target).absolute().name)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

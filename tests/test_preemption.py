@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import tiny_recipe  # noqa: F401 - a fixture
 
 HERE = Path(__file__).resolve().parent
 STEPS = 2
@@ -216,8 +217,10 @@ def every_write(root: str) -> dict:
     logging.getLogger("hf_kd").setLevel(logging.ERROR)  # the skipped-checkpoint warnings are tested apart
     counting = Writes().install()
     reference = _weights(_armed_run(os.path.join(root, "reference"), counting))  # never killed: counts the writes
+    named = json.loads(Path(root, "reference", "hf_kd_provenance.json").read_text())["model_name"]  # not the partial one
     gc.freeze()  # the objects of the imports: each of the runs below collects its own garbage (accelerate) faster
-    results = {"writes": counting.count, "names": counting.names, "resumed": 0, "equal": 0, "problems": []}
+    results = {"writes": counting.count, "names": counting.names, "resumed": 0, "equal": 0,
+               "problems": [] if named == "reference" else [f"the card names the model {named!r}"]}
     for k in range(1, counting.count + 1):
         out = os.path.join(root, f"kill-{k}")
         counting.kill_at, counting.count, counting.names = k, 0, []
@@ -301,6 +304,28 @@ def test_a_kill_at_every_write_of_a_save_leaves_a_run_that_resumes_bitwise(tmp_p
     assert result["writes"] >= 20, names  # checkpoint-2, the rotation of checkpoint-1 and the final save
     assert result["problems"] == []
     assert result["resumed"] == result["equal"] == result["writes"]
+
+
+@pytest.mark.slow
+def test_cli_resume_auto_starts_afresh_then_resumes_from_the_newest_complete_checkpoint(tiny_recipe, caplog):
+    """One command for a job restarted after each pre-emption: `hf-kd distill ... --resume_from_checkpoint auto`."""
+    from hf_kd.cli import main
+
+    path, tmp, _ = tiny_recipe
+    out, command = tmp / "out", ["distill", "--config", str(path), "--baseline", "false", "--report", "false",
+                                 "--resume_from_checkpoint", "auto"]
+    assert main(command) == 0  # no output_dir yet: a fresh run, 8 steps, checkpoints 4 and 8
+    assert json.loads((out / "results.json").read_text())["distilled"]["steps"] == 8
+    four = (out / "checkpoint-4" / "model.safetensors").stat()
+    (out / "checkpoint-8" / "optimizer.pt").unlink()  # as a kill during an older version's save left it
+    with caplog.at_level("WARNING", logger="hf_kd"):
+        assert main(command) == 0
+    assert f"{out / 'checkpoint-8'} is incomplete" in caplog.text and "it lacks optimizer.pt" in caplog.text
+    assert json.loads((out / "results.json").read_text())["distilled"]["steps"] == 8
+    now = (out / "checkpoint-4" / "model.safetensors").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (four.st_ino, four.st_mtime_ns)  # resumed from it, not rewritten
+    assert (out / "checkpoint-8" / "optimizer.pt").is_file()  # checkpoint-8 written again, whole
+    assert not [p.name for p in out.iterdir() if p.name.startswith("hf_kd-")]
 
 
 @pytest.mark.slow
