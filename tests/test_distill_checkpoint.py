@@ -122,6 +122,10 @@ def test_missing_files_names_each_file_a_resume_reads(tmp_path):
     (c / "model-00001-of-00002.safetensors").write_bytes(b"x")
     assert missing_files(str(c), projections=True) == [
         "trainer_state.json", "model-00002-of-00002.safetensors (named by model.safetensors.index.json)"]
+    (c / "model.safetensors.index.json").write_text('{"weight_map": {"a": "mod')  # cut short
+    (c / KD_CONFIG_NAME).write_text('{"loss": {"temp')
+    assert missing_files(str(c), projections=True) == [
+        "trainer_state.json", "model.safetensors.index.json (unreadable)", f"{KD_CONFIG_NAME} (unreadable)"]
 
 
 def test_the_newest_complete_checkpoint_is_taken_and_each_newer_incomplete_one_named(tmp_path, caplog):
@@ -169,6 +173,10 @@ def test_incomplete_and_another_setup_are_told_apart(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_kd"):
         assert checkpoints.resume_point(str(complete), str(tmp_path), lambda: other) == str(complete)
     assert f"has no {KD_CONFIG_NAME}" in caplog.text
+    cut = _checkpoint(tmp_path / "checkpoint-5", lacking=(KD_CONFIG_NAME,))
+    (cut / KD_CONFIG_NAME).write_text('{"loss": {"temp')  # a kill while an older version wrote it
+    with pytest.raises(InputError, match=f"it is incomplete .*: it lacks {KD_CONFIG_NAME} \\(unreadable\\)"):
+        checkpoints.resume_point(str(cut), str(tmp_path), lambda: SIGNATURE)
     with pytest.raises(InputError, match="no such folder"):
         checkpoints.resume_point(str(tmp_path / "checkpoint-7"), str(tmp_path), lambda: SIGNATURE)
 

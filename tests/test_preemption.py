@@ -214,6 +214,8 @@ def every_write(root: str) -> dict:
 
     import torch
 
+    from hf_kd.distill.checkpoint import newest_complete
+
     logging.getLogger("hf_kd").setLevel(logging.ERROR)  # the skipped-checkpoint warnings are tested apart
     counting = Writes().install()
     reference = _weights(_armed_run(os.path.join(root, "reference"), counting))  # never killed: counts the writes
@@ -230,6 +232,8 @@ def every_write(root: str) -> dict:
         except Killed:
             pass
         counting.kill_at = None
+        if newest_complete(out, projections=True) is None:  # checkpoint-1 rotated away before checkpoint-2 was whole
+            results["problems"].append(f"k={k}: no complete checkpoint left")
         problem = _final_files_whole(out, reference)
         if problem:
             results["problems"].append(f"k={k}: {problem}")

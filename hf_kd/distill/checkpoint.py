@@ -104,9 +104,9 @@ def missing_files(folder: str, projections: bool, resume_state: bool = True) -> 
     if not (weights or sharded or adapters):
         missing.append("the model weights (model.safetensors or another weights file)")
     for index in (n for n in weights if n.endswith(".index.json")):
-        with open(os.path.join(folder, index)) as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
-        missing += [f"{shard} (named by {index})" for shard in shards]
+        shards = _read_json(os.path.join(folder, index))
+        shards = sorted(set(shards.get("weight_map", {}).values()) - names) if shards is not None else [None]
+        missing += [f"{shard} (named by {index})" if shard else f"{index} (unreadable)" for shard in shards]
     if resume_state:
         if not any(n.startswith(("optimizer", "global_step")) for n in names):
             missing.append(OPTIMIZER_NAME)
@@ -115,7 +115,19 @@ def missing_files(folder: str, projections: bool, resume_state: bool = True) -> 
         if not any(n.startswith("rng_state") for n in names):
             missing.append("rng_state.pth")
     missing += [n for n in (KD_CONFIG_NAME, PROJECTIONS_NAME if projections else None) if n and n not in names]
+    if KD_CONFIG_NAME in names and _read_json(os.path.join(folder, KD_CONFIG_NAME)) is None:
+        missing.append(f"{KD_CONFIG_NAME} (unreadable)")
     return missing
+
+
+def _read_json(path: str) -> dict | None:
+    """The JSON object in `path`; None when it does not parse (cut short by a kill)."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def newest_complete(output_dir: str, projections: bool, resume_state: bool = True) -> str | None:
@@ -251,9 +263,10 @@ class Checkpoints:
             chosen = str(value)
             if not os.path.isdir(chosen):
                 raise InputError(f"Cannot resume from {chosen}: no such folder.")
-        check_resume(chosen, signature())  # another set-up: refused, whatever else it lacks
         missing = missing_files(chosen, self.projections, resume_state)
-        if missing and missing != [KD_CONFIG_NAME]:  # kd_config.json alone: another tool's checkpoint, warned of
+        if missing == [KD_CONFIG_NAME] or not any(m.startswith(KD_CONFIG_NAME) for m in missing):
+            check_resume(chosen, signature())  # another set-up: refused, whatever else it lacks; none recorded: warned
+        if missing and missing != [KD_CONFIG_NAME]:  # kd_config.json alone: a plain Trainer checkpoint, resumed
             raise InputError(
                 f"Cannot resume from {chosen}: it is incomplete (a save was interrupted, or another tool or an older "
                 f"version wrote it): it lacks {', '.join(missing)}. Resume from an earlier checkpoint, or pass "
