@@ -151,6 +151,7 @@ def test_auto_resumes_from_the_newest_complete_checkpoint_or_starts_afresh(tmp_p
     _checkpoint(tmp_path / "checkpoint-0")
     assert checkpoints.resume_point("auto", str(tmp_path), lambda: SIGNATURE) == str(tmp_path / "checkpoint-0")
     assert checkpoints.resume_point(True, str(tmp_path), lambda: SIGNATURE) == str(tmp_path / "checkpoint-0")
+    assert checkpoints.resume_point("True", str(tmp_path), lambda: SIGNATURE) == str(tmp_path / "checkpoint-0")  # CLI
     assert checkpoints.resume_point(None, str(tmp_path), lambda: SIGNATURE) is None
 
 

@@ -167,9 +167,9 @@ def rotate(run_dir: str, limit: int | None, best: str | None) -> None:
 class Checkpoints:
     """The trainer's saves and resumes under one or several processes.
 
-    Every process writes its part of a save into the same partial folder; after a barrier one process (``is_writer``,
-    Trainer's ``should_save``) renames it, then all go on: every process sees a checkpoint under its name only when it
-    is complete. Which checkpoint a resume takes is decided by the first process and shared with the others.
+    Every process writes its part of a save into the same partial folder; after a barrier one process (Trainer's
+    ``should_save``) renames it, then all go on: every process sees a checkpoint under its name only when it is
+    complete. Which checkpoint a resume takes is decided by the first process and shared with the others.
     """
 
     def __init__(self, args, projections: bool, barrier: Callable[[], None]):
@@ -234,9 +234,11 @@ class Checkpoints:
             atomic.remove_partial(output_dir)
         self.barrier()
         chosen, error = None, None
+        # On every process: the teacher's digest may gather weights that are partitioned over the processes.
+        now = signature() if value is not None and value is not False else None
         if self.args.process_index == 0:
             try:
-                chosen = self._choose(value, output_dir, signature)
+                chosen = self._choose(value, output_dir, now)
             except InputError as err:  # raised on every process below, or the others would wait
                 error = str(err)
         chosen, error = broadcast_object_list([chosen, error])
@@ -244,12 +246,13 @@ class Checkpoints:
             raise InputError(error)
         return chosen
 
-    def _choose(self, value, output_dir: str, signature: Callable[[], dict]) -> str | None:
+    def _choose(self, value, output_dir: str, signature: dict | None) -> str | None:
         resume_state = not self.args.save_only_model
-        auto = isinstance(value, str) and value.strip().lower() == "auto"
+        word = value.strip().lower() if isinstance(value, str) and not os.path.isdir(value) else None  # the CLI's
+        auto = word == "auto"
         if value is None or value is False:
             return None
-        if value is True or auto:
+        if value is True or word == "true" or auto:
             chosen = newest_complete(output_dir, self.projections, resume_state)
             if chosen is None and auto:
                 logger.info("resume_from_checkpoint=auto: %s holds no complete checkpoint; starting afresh.", output_dir)
@@ -265,7 +268,7 @@ class Checkpoints:
                 raise InputError(f"Cannot resume from {chosen}: no such folder.")
         missing = missing_files(chosen, self.projections, resume_state)
         if missing == [KD_CONFIG_NAME] or not any(m.startswith(KD_CONFIG_NAME) for m in missing):
-            check_resume(chosen, signature())  # another set-up: refused, whatever else it lacks; none recorded: warned
+            check_resume(chosen, signature)  # another set-up: refused, whatever else it lacks; none recorded: warned
         if missing and missing != [KD_CONFIG_NAME]:  # kd_config.json alone: a plain Trainer checkpoint, resumed
             raise InputError(
                 f"Cannot resume from {chosen}: it is incomplete (a save was interrupted, or another tool or an older "
