@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.trainer_utils import HubStrategy
 from transformers.utils.hub import PushInProgress
 
 from . import adapters, distributed, hub, relations, teacher_cache
 from .config import DistillationConfig
 from .distill import card, checks, nonfinite, publish
-from .distill.checkpoint import check_finite_weights, check_resume, write_signature
+from .distill.checkpoint import Checkpoints, check_finite_weights, write_signature
 from .distill.head_route import HeadRoute, logit_chunk_size
 from .distill.objective import Meter, Objective
 from .distill.projections import build_projections, load_projections, save_projections
@@ -81,6 +81,7 @@ class DistillationTrainer(Trainer):
         self._evaluations: dict[str, tuple[int, str, dict]] = {}
         self._latency = card.Latency()  # measured once per step for the card
         self._use_cache_arg: bool | None = None
+        self.checkpoints = Checkpoints(args, len(self.projections) > 0, lambda: self.accelerator.wait_for_everyone())
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -137,19 +138,29 @@ class DistillationTrainer(Trainer):
         """What a checkpoint of this run records and must be resumed with (see `hf_kd.distill.record`)."""
         return self.record.signature(self._student())
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Trainer's ``train``. ``resume_from_checkpoint``: ``True`` takes the newest *complete* checkpoint of
+        ``output_dir`` (incomplete ones are skipped with a warning), ``"auto"`` the same or a fresh start when there is
+        none, a path that checkpoint; one of another set-up is refused (see `hf_kd.distill.checkpoint`)."""
+        resume = self.checkpoints.resume_point(resume_from_checkpoint, self.args.output_dir, self.checkpoint_signature)
+        return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        """While a checkpoint is written, Trainer writes it into a partial folder (renamed when complete)."""
+        return self.checkpoints.partial_run_dir or super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
         named = [*self._student(model).named_parameters(),
                  *(("projections." + n, p) for n, p in self.projections.named_parameters())]
         check_finite_weights(named, self.state.global_step)
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_projections(self.projections, folder)
-            write_signature(folder, self.checkpoint_signature())
+        with self.checkpoints.writing(self._get_output_dir(trial=trial), self.state) as folder:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                save_projections(self.projections, folder)
+                write_signature(folder, self.checkpoint_signature())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        check_resume(resume_from_checkpoint, self.checkpoint_signature())  # before any weight is loaded
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # checked by `train` before any weight is loaded
         load_projections(self.projections, resume_from_checkpoint, self.args.device)
 
     def _clip_grad_norm(self, model):
@@ -309,14 +320,17 @@ class DistillationTrainer(Trainer):
         With ``push_to_hub`` the folder is then pushed, as Trainer does. Call it on every process, as Trainer
         asks (evaluation is collective); only the main process writes.
         """
-        with self._student_as_saved(final=not _internal_call):
-            super().save_model(output_dir, _internal_call=True)
-            if _internal_call:
-                return
-            self._evaluate_for_card()
-            if self.args.should_save:
-                self._write_card(output_dir if output_dir is not None else self.args.output_dir)
-        if self.args.push_to_hub:
+        target = output_dir if output_dir is not None else self.args.output_dir
+        # Written aside and renamed at the end: no half-written weights under the final names.
+        with self.checkpoints.saving(target) as folder:
+            with self._student_as_saved(final=not _internal_call):
+                super().save_model(folder, _internal_call=True)
+                if not _internal_call:
+                    self._evaluate_for_card()
+                    if self.args.should_save:  # the card names the model after the folder it ends in
+                        self._write_card(folder, model_name=(self.card_info or hub.CardInfo()).model_name
+                                         or Path(target).absolute().name)
+        if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,

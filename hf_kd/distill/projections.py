@@ -42,7 +42,7 @@ def load_projections(projections: nn.ModuleList, folder: str, device) -> None:
     path = os.path.join(folder, PROJECTIONS_NAME)
     if not os.path.isfile(path):
         raise ValueError(
-            f"{folder} has no {PROJECTIONS_NAME}: it was not written by this "
-            "distillation set-up (different widths or hidden loss). Resume from a matching checkpoint."
+            f"{folder} has no {PROJECTIONS_NAME}, which this run's hidden-state loss needs (the widths differ): its "
+            "save was interrupted, or it was made without projections. Resume from a complete checkpoint of this set-up."
         )
     projections.load_state_dict(load_file(path, device=str(device)))
