@@ -267,7 +267,9 @@ CASES = [
     case("init-student", "--layers and --student_config both", f"{I} --layers 2 --student_config '{{hidden_size: 8}}'",
          2, "one of them"),
     case("init-student", "teacher that does not exist", "init-student --teacher $world/nope --layers 2 --output_dir $out",
-         1, "not a folder"),
+         1, "does not exist"),
+    case("init-student", "teacher that is a file", "init-student --teacher $world/afile.txt --layers 2 --output_dir $out",
+         1, "is a file"),
     case("init-student", "teacher folder without config.json", "init-student --teacher $world/empty_dir --layers 2 "
          "--output_dir $out", 1, "no config.json"),
     case("init-student", "teacher folder without weights", "init-student --teacher $no_weights --layers 2 "

@@ -166,8 +166,9 @@ def layers_problems(value, teacher: Path, name: str) -> list[str]:
     depth = AutoConfig.from_pretrained(teacher).get_text_config().num_hidden_layers
     layers = resolve_student_layers(value, depth)  # ValueError for a count outside 1..depth, a malformed list
     outside = [k for k in layers if not 1 <= k <= depth]
-    if outside:
-        return [f"{name}={layers} names teacher layers {outside} outside 1..{depth} (the teacher has {depth} layers)."]
+    if outside or len(set(layers)) != len(layers):
+        why = f"{outside} is outside 1..{depth}" if outside else "a layer is named twice"
+        return [f"{name}={layers} must be distinct teacher layers in 1..{depth}: {why} (the teacher has {depth} layers)."]
     return []
 
 
@@ -254,8 +255,10 @@ def init_student_problems(teacher: str, output_dir: str, layers=None, student_co
     """`hf-kd init-student`: the teacher folder, the output folder, the layers or config changes."""
     problems = [p for p in [writable_problem(output_dir, "output_dir")] if p]
     folder = Path(os.path.expanduser(resolve_model(teacher)))
-    if not folder.is_dir():
-        problems.append(f"--teacher {teacher!r} is not a folder; give a folder saved with save_pretrained.")
+    if not folder.exists():
+        problems.append(f"--teacher {teacher!r} does not exist; give a folder saved with save_pretrained.")
+    elif not folder.is_dir():
+        problems.append(f"--teacher {teacher!r} is a file; give a folder saved with save_pretrained.")
     elif not (folder / "config.json").is_file():
         problems.append(f"--teacher {teacher!r} has no config.json; give a folder saved with save_pretrained.")
     else:
