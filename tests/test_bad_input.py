@@ -536,6 +536,24 @@ def test_a_failed_save_keeps_the_trained_student_and_says_where(tmp_path):
     assert str(rescued) in str(err.value) and (rescued / "model.safetensors").read_bytes() == b"weights"
 
 
+@pytest.mark.slow
+def test_a_run_whose_save_fails_ends_with_the_student_saved_elsewhere(world, tmp_path, capsys, monkeypatch):
+    from hf_kd import DistillationTrainer
+
+    out, real_save = tmp_path / "out", DistillationTrainer.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if str(output_dir) == str(out):  # the folder went read-only (or the disk filled) during training
+            raise PermissionError(13, "Permission denied", str(out))
+        return real_save(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(DistillationTrainer, "save_model", save_model)
+    code, text = run_cli(["distill", "--config", world["recipe"], "--output_dir", str(out), "--max_steps", "1"], capsys)
+    assert code == 1 and "Traceback" not in text and "could not be saved to" in text
+    rescued = Path(text.split("it was saved to ")[1].split(" instead")[0])
+    assert (rescued / "model.safetensors").is_file() and (rescued / "config.json").is_file()
+
+
 # ---------------------------------------------------------------------------- the docs page
 WHERE = {"cache-teacher": "cache-teacher", "init-student": "init-student", "push": "push", "command": "hf-kd"}
 
