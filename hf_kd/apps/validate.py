@@ -145,8 +145,8 @@ def model_problems(model_args, command: str = "distill", cache_hidden: bool = Fa
         problems += folder_problems("teacher_model_name_or_path", teacher, needs_tokenizer=True)
     if student is not None:
         problems += folder_problems("student_model_name_or_path", student, needs_tokenizer=False)
-    if not problems:  # paths, the teacher's head, the two tokenizers (stops at its first problem)
-        problems += _collect(check_model_paths, model_args)
+    if not any("not readable JSON" in p for p in problems):  # paths, the teacher's head, the two tokenizers
+        problems += _collect(check_model_paths, model_args)  # (stops at its first problem)
     chosen = [n for n in ("student_model_name_or_path", "student_layers", "student_config") if getattr(model_args, n)]
     if len(chosen) > 1:
         problems.append(f"give one student, not {' and '.join(chosen)}; unset the other with --{chosen[-1]} null.")
