@@ -12,17 +12,20 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 
 import torch
+from transformers.hf_argparser import string_to_bool
 
 from .apps.arguments import PARSER_TYPES, DataArguments, ModelArguments, RunArguments, parse_seeds
 from .apps.cache_teacher import run_cache_teacher
 from .apps.distill import run_distill
-from .apps.models import check_model_paths
 from .apps.offline import resolve_model
 from .apps.recipes import DEFAULT_RECIPE, load_recipe, parse_distill_args, parse_recipe_args
+from .apps.validate import init_student_problems, repo_id_problem
 from .errors import InputError, NonFiniteLossError
 from .hub import CARD_NAME, PushError, check_student_folder, push_student
 from .student import init_student
@@ -58,7 +61,7 @@ def parse_cache_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "hidden states) for hf-kd distill --teacher_cache DIR. Its own options come first; the rest is a distill "
         "command line (the recipe and any of its fields, listed after these).")
     parser.add_argument("--top_k", type=int, default=64, help="Teacher logits kept per row (capped at the classes).")
-    parser.add_argument("--cache_hidden", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+    parser.add_argument("--cache_hidden", type=string_to_bool, default=False, metavar="{true,false}",
                         help="Also keep the hidden states of the teacher layers the recipe's layer_map needs (fp16).")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
@@ -67,6 +70,9 @@ def parse_cache_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run_push(args: argparse.Namespace) -> None:
+    problem = repo_id_problem(args.repo_id)
+    if problem:
+        raise SystemExit(f"hf-kd push: {problem}")
     try:
         if args.dry_run:
             names = check_student_folder(args.model)
@@ -106,6 +112,9 @@ def parse_init_student_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_init_student(args: argparse.Namespace) -> None:
+    problems = init_student_problems(args.teacher, args.output_dir, args.layers, args.student_config)
+    if problems:
+        raise SystemExit("hf-kd init-student: " + "\n  - ".join([""] * (len(problems) > 1) + problems).lstrip())
     torch.manual_seed(args.seed)
     try:
         summary = init_student(resolve_model(args.teacher), args.output_dir, layers=args.layers, student_config=args.student_config,
@@ -132,26 +141,58 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in commands.items():
             print(f"  {name:10s} {text}")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nhf-kd: unknown command {argv[0]!r}", file=sys.stderr)
+            near = difflib.get_close_matches(argv[0], commands, n=1)
+            print(f"\nhf-kd: unknown command {argv[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                  file=sys.stderr)
             return 2
         return 0
     command, rest = argv[0], argv[1:]
+    try:
+        _run(command, rest)
+    except (PushError, InputError, NonFiniteLossError) as err:  # a message, not a traceback
+        raise SystemExit(f"hf-kd {command}: {err}") from None
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        library = _library_of(err)
+        if library is None or os.environ.get("HF_KD_TRACEBACK") == "1":
+            raise  # our own bug: its traceback is what to report
+        lines = str(err).strip().splitlines() or [""]
+        raise SystemExit(f"hf-kd {command}: {library} stopped the run: {type(err).__name__}: {lines[0][:500]}"
+                         " (set HF_KD_TRACEBACK=1 to see where)") from None
+    return 0
+
+
+def _run(command: str, rest: list[str]) -> None:
     if command in ("distill", "cache-teacher"):
         options, rest = parse_cache_args(rest) if command == "cache-teacher" else (None, rest)
         parsed = parse_distill_args(rest, prog=f"hf-kd {command}")
-        check_model_paths(parsed[0])
-        try:
-            if options is None:
-                run_distill(*parsed)
-            else:
-                run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
-        except (PushError, InputError, NonFiniteLossError) as err:  # a message, not a traceback
-            raise SystemExit(f"hf-kd: {err}") from None
+        if options is None:
+            run_distill(*parsed)
+        else:
+            run_cache_teacher(*parsed, top_k=options.top_k, cache_hidden=options.cache_hidden)
     elif command == "push":
         run_push(parse_push_args(rest))
     elif command == "init-student":
         run_init_student(parse_init_student_args(rest))
-    return 0
+
+
+#: Packages whose own errors reach the user as a message at the command line's boundary.
+LIBRARIES = ("transformers", "datasets", "huggingface_hub", "tokenizers", "accelerate", "peft", "evaluate",
+             "safetensors", "pyarrow", "torch", "yaml", "requests", "urllib3", "httpx")
+
+
+def _library_of(err: BaseException) -> str | None:
+    """The package that raised `err`: the innermost frame outside the standard library, when it is one of
+    `LIBRARIES`; None when it is hf_kd's own code (a bug, whose traceback should be seen)."""
+    frames, tb = [], err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    for name in reversed(frames):
+        root = name.split(".")[0]
+        if root in sys.stdlib_module_names:
+            continue
+        return root if root in LIBRARIES else None
+    return None
 
 
 if __name__ == "__main__":

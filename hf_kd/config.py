@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from .adapters import peft_config_dict
@@ -85,6 +86,12 @@ def parse_layer_map(value: Any) -> str | list[list[int]]:
         seen.add((s, t))
         students.add(s)
     return pairs
+
+
+def _has_accelerator() -> bool:
+    """A device that runs fp16 mixed precision: CUDA (or ROCm), XPU, NPU, MPS."""
+    checks = (torch.cuda, getattr(torch, "xpu", None), getattr(torch, "npu", None), getattr(torch.backends, "mps", None))
+    return any(c is not None and c.is_available() for c in checks)
 
 
 def _unknown(name: str, value, choices: tuple, use: str | None = None) -> list[str]:
@@ -265,7 +272,7 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        problems = [*self._setting_problems(), *self._schedule_problems()]
+        problems = [*self._training_problems(), *self._setting_problems(), *self._schedule_problems()]
         if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size < -1:
             problems.append(
                 f"logit_chunk_size={self.logit_chunk_size!r} must be an int >= -1 (0 = auto, -1 = never chunk, "
@@ -291,6 +298,33 @@ class DistillationConfig(TrainingArguments):
         problems += self._parse_layer_maps()
         if problems:
             raise ValueError("Invalid DistillationConfig:\n  - " + "\n  - ".join(problems))
+
+    def _training_problems(self) -> list[str]:
+        """Trainer settings that would fail later with a traceback, or run and mean nothing."""
+        problems = []
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            problems.append(
+                f"num_train_epochs={self.num_train_epochs} (with max_steps={self.max_steps}) trains nothing, and the "
+                "untrained student would be saved as if distilled; set num_train_epochs > 0 or max_steps > 0."
+            )
+        if self.learning_rate < 0:
+            problems.append(f"learning_rate={self.learning_rate} is negative; use a positive rate such as 5e-5.")
+        if self.fp16 and (self.use_cpu or not _has_accelerator()):
+            problems.append(
+                "fp16=True needs a GPU and this run is on the CPU (fp16 mixed precision does not run there); leave "
+                "fp16 off, or use bf16=True with use_cpu=True on a CPU that supports it."
+            )
+        if self.load_best_model_at_end and self.save_strategy == "no":
+            problems.append(
+                "load_best_model_at_end=True needs checkpoints to pick the best from, but save_strategy is 'no'; set "
+                "save_strategy (and eval_strategy) to 'steps' or 'epoch', or drop load_best_model_at_end."
+            )
+        if self.save_strategy == "steps" and self.save_steps <= 0:
+            problems.append(f"save_steps={self.save_steps} must be > 0 with save_strategy 'steps'.")
+        return problems
 
     def _setting_problems(self) -> list[str]:
         """The loss settings out of their range, and names that are none of their choices."""

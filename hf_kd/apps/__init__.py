@@ -10,6 +10,7 @@ nothing from here. Each module is one application or one of its steps:
 - `evaluation`: the held-out metric of each task;
 - `report`: report.md + report.png;
 - `cache_teacher`: the `hf-kd cache-teacher` command;
+- `validate`: one check of a run before anything happens, every problem in one message;
 - `recipes` and `arguments`: recipe YAML -> dataclasses, packaged recipes found by name;
 - `offline`: offline stand-ins for Hub ids (demo weights and data), resolved here, never in the core;
 - `metrics`: `evaluate` metrics that load offline.

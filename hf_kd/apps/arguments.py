@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import yaml
+
 from ..config import DistillationConfig
 from ..student import parse_student_config, parse_student_layers
 from ..tasks import TASKS
@@ -75,17 +77,43 @@ class ModelArguments:
         self.teacher_seed = self.teacher_seeds[0]  # the (first) teacher's seed, an int
 
 
+def _yaml_value(text: str):
+    """A command-line value as the recipes write it: JSON, YAML flow (`[neg, pos]`) or bare `a, b`; None when
+    it is none of them."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(value, str) and "," in value:  # `a, b` / `a,b`: a list written without brackets
+        value = [yaml.safe_load(v) if v.strip() else "" for v in value.split(",")]
+    return value
+
+
 def parse_seeds(value) -> list[int]:
     """`teacher_seed`: one int, or a JSON/YAML list of distinct ints (one fine-tuned teacher each)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
+        value = _yaml_value(value)
     seeds = value if isinstance(value, list) else [value]
     if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"teacher_seed={value!r} must be an integer or a list of distinct integers, e.g. 42 or [42, 7].")
     return seeds
+
+
+def parse_names(value, name: str = "class_names") -> list[str]:
+    """`class_names`: a list of distinct, non-empty names, given as a list or as its text in any form a recipe or
+    a shell writes it: JSON `["neg", "pos"]`, YAML `[neg, pos]`, or `neg,pos`."""
+    names = _yaml_value(value) if isinstance(value, str) else value
+    if isinstance(names, tuple):
+        names = list(names)
+    if not isinstance(names, list) or len(names) < 2 or any(isinstance(n, (list, dict)) or n is None for n in names):
+        raise ValueError(f"{name}={value!r} is not a list of label names; write it as [negative, positive] "
+                         "(or negative,positive), one name per label 0..N-1.")
+    names = [str(n).strip() for n in names]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if "" in names or doubled:
+        what = "an empty name" if "" in names else f"the name {doubled[0]!r} twice"
+        raise ValueError(f"{name}={value!r} has {what}; give each label 0..N-1 its own name.")
+    return names
 
 
 @dataclass
@@ -105,7 +133,8 @@ class DataArguments:
     )
     class_names: str | None = field(
         default=None,
-        metadata={"help": "Names of integer labels 0..N-1 as a JSON list, e.g. [negative, positive] in YAML."},
+        metadata={"help": "Names of integer labels 0..N-1, one per label: [negative, positive] (JSON, YAML or "
+                  "negative,positive)."},
     )
     question_column: str = field(default="question", metadata={"help": "question_answering: the question."})
     context_column: str = field(default="context", metadata={"help": "question_answering: the context."})
@@ -144,6 +173,13 @@ class DataArguments:
             "targets train on. The teacher's fine-tune and the baseline see the labelled rows alone."
         },
     )
+
+    def __post_init__(self):
+        for name in ("class_names", "eval_split", "text_pair_column", "dataset_config_name"):  # `--eval_split null`
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("", "null", "none"):
+                setattr(self, name, None)
+        if self.class_names is not None:  # kept as JSON text, the form the rest of the run reads
+            self.class_names = json.dumps(parse_names(self.class_names))
 
 
 @dataclass

@@ -18,19 +18,14 @@ from .common import say
 from .data import collator_for, load_data
 from .offline import resolve_model
 from .teacher import prepare_teacher
+from .validate import validate_run
 
 
 def run_cache_teacher(model_args, data_args, run_args, config, *, top_k: int, cache_hidden: bool) -> dict:
     """The recipe's training set (the rows `hf-kd distill` trains on) and teacher (fine-tuned first if the recipe
     says so, reusing the fine-tune cache), cached into ``config.output_dir``."""
     out = Path(config.output_dir)
-    if out.exists() and any(out.iterdir()) and not (run_args.overwrite_output_dir and (out / METADATA_NAME).is_file()):
-        raise SystemExit(
-            f"hf-kd: output_dir {out} is not empty. Give a new folder for the cache (or, to replace an older cache "
-            "there, --overwrite_output_dir true)."
-        )
-    if top_k < 1:
-        raise SystemExit(f"hf-kd: --top_k {top_k} must be >= 1.")
+    validate_run(model_args, data_args, run_args, config, command="cache-teacher", top_k=top_k, cache_hidden=cache_hidden)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.teacher_model_name_or_path))
     data = load_data(model_args.task, data_args, tokenizer)
     teacher_dir, _ = prepare_teacher(model_args, data_args, config, data, tokenizer)

@@ -47,21 +47,33 @@ class RunData:
     teacher_train: Dataset | None = None  # the teacher's fine-tune rows when not the labelled rows (teacher_train_samples)
 
 
+#: Endings of the local data files `datasets` reads (`hf_kd.apps.offline` maps them to a builder).
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".gz", ".zst", ".bz2", ".xz")
+
+
 def load_raw(data_args):
     """The `datasets.DatasetDict` named by dataset_name, with its train (and eval) split checked."""
-    kwargs = resolve_dataset(data_args.dataset_name)
-    local = os.path.exists(os.path.expanduser(data_args.dataset_name))
+    name = data_args.dataset_name
+    local = os.path.exists(os.path.expanduser(name))
+    if not local and (name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES)):
+        raise SystemExit(f"hf-kd: dataset_name={name!r} does not exist; give a csv/json/jsonl/parquet file, a folder "
+                         "of them (train.csv, test.csv, ...), or a Hub dataset id.")
+    kwargs = resolve_dataset(name)
     if data_args.dataset_config_name and not local:  # a Hub dataset's configuration; local files have none
         kwargs["name"] = data_args.dataset_config_name
     try:
         raw = load_dataset(**kwargs)
     except ValueError as err:
         if "corresponds to no data" not in str(err):
-            raise
+            raise SystemExit(_unreadable(name, err)) from None
         # datasets refuses a split file with no rows while building; say which fix applies.
         raise SystemExit(
             f"hf-kd: a split of {data_args.dataset_name} has no rows ({err}); give splits with data."
         ) from None
+    except Exception as err:  # noqa: BLE001 - datasets' own errors (not found, offline, a malformed file) said plainly
+        if not isinstance(err, (OSError, ImportError)) and not type(err).__module__.startswith(("datasets", "pyarrow")):
+            raise
+        raise SystemExit(_unreadable(name, err)) from None
     splits = {"train": data_args.train_split, "eval": data_args.eval_split}
     for role, split in splits.items():
         if split is not None and split not in raw:
@@ -72,6 +84,83 @@ def load_raw(data_args):
         if split is not None and len(raw[split]) == 0:
             raise SystemExit(f"hf-kd: the {split!r} split has no rows; point {role}_split at a split with data.")
     return raw
+
+
+def _unreadable(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    local = os.path.exists(os.path.expanduser(name))
+    cause = str(getattr(err, "__cause__", None) or err).strip().splitlines()
+    hint = ("fix the file (every row with the header's columns, valid JSON per line)" if local
+            else "check the name, or give a local file or folder" + (" (the Hub is offline)" if offline else ""))
+    return f"hf-kd: dataset_name={name!r} could not be read ({type(err).__name__}: {cause[0] if cause else ''}); {hint}."
+
+
+def raw_problems(task: str, data_args, raw) -> list[str]:
+    """What is wrong with the rows of a loaded dataset for `task`: missing columns, empty texts, labels that
+    class_names does not name. Reads columns only, before anything is tokenised."""
+    problems = []
+    splits = [s for s in (data_args.train_split, data_args.eval_split) if s is not None and s in raw]
+    for split in splits:
+        missing = [c for c in required_columns(task, data_args) if c not in raw[split].column_names]
+        if missing:
+            problems.append(
+                f"the {split!r} split has no column {missing[0]!r} (it has {raw[split].column_names}); set "
+                "text_column / label_column (or text_pair_column, question_column, context_column, answers_column, "
+                f"target_column for {task}) to the right names."
+            )
+    if problems:
+        return problems
+    texts = {"question_answering": [data_args.question_column, data_args.context_column],
+             "seq2seq_lm": [data_args.text_column, data_args.target_column],
+             "causal_lm": []}.get(task, [data_args.text_column] + [c for c in [data_args.text_pair_column] if c])
+    for split in splits:
+        for column in texts:
+            empty = [i for i, v in enumerate(raw[split][column]) if v is None or (isinstance(v, (str, list)) and not (
+                v.strip() if isinstance(v, str) else v))]
+            if empty:
+                problems.append(
+                    f"{len(empty)} rows of the {split!r} split have an empty {column!r} (first: row {empty[0]}); fill "
+                    "them in or drop those rows."
+                )
+    if data_args.class_names and task not in LABELLED_TASKS:
+        problems.append(f"class_names names the labels of a classification task; a {task} run has none. Drop it.")
+    elif task in LABELLED_TASKS and not problems:
+        problems += _label_problems(task, data_args, raw, splits)
+    return problems
+
+
+def _label_problems(task: str, data_args, raw, splits) -> list[str]:
+    train = raw[data_args.train_split]
+    given = json.loads(data_args.class_names) if data_args.class_names else None
+    try:
+        if task == "token_classification":
+            names = tag_names(train, data_args)
+        else:
+            names, to_id = class_labels(train, data_args)
+            for split in splits:
+                check_labels(raw[split], data_args.label_column, names, to_id, split)
+    except SystemExit as err:
+        return [str(err.code).removeprefix("hf-kd: ")]
+    if given is None:
+        return []
+    feature = train.features[data_args.label_column]
+    feature = getattr(feature, "feature", feature)
+    if isinstance(feature, ClassLabel) and len(given) != len(feature.names):
+        return [f"class_names has {len(given)} names but the dataset's labels are {feature.names}; drop class_names "
+                "(the dataset names its labels) or give one name per label."]
+    values = set()
+    for split in splits:
+        for v in raw[split][data_args.label_column]:
+            values.update(v if isinstance(v, list) else [v])
+    values = {v for v in values if isinstance(v, int) and v >= 0}
+    if values and max(values) >= len(given):
+        return [f"the labels go up to {max(values)}, outside 0..{len(given) - 1} that class_names ({', '.join(given)}) "
+                "names; give one name per label."]
+    if values and len(given) > max(values) + 1:
+        return [f"class_names has {len(given)} names ({', '.join(given)}) but the data has {max(values) + 1} labels "
+                f"({', '.join(map(str, sorted(values)))}): a student with {len(given)} classes would name its labels "
+                "wrongly. Give one name per label 0..N-1."]
+    return []
 
 
 def required_columns(task: str, data_args) -> list[str]:
@@ -158,14 +247,19 @@ def class_labels(train, data_args) -> tuple[list, dict | None]:
         return list(feature.names), None
     if data_args.class_names:
         names = list(json.loads(data_args.class_names))
-        found = set(train[data_args.label_column])
+        found = set(train[data_args.label_column]) - {None}
+        if not all(isinstance(v, int) for v in found):
+            raise SystemExit(
+                f"hf-kd: class_names names integer labels 0..N-1, but the labels are {sorted(map(str, found))[:5]}; "
+                "drop class_names (text labels are numbered in sorted order) or give integer labels."
+            )
         if not found <= set(range(len(names))):
             raise SystemExit(
                 f"hf-kd: class_names has {len(names)} names but the labels are {sorted(found)[:10]}; "
                 "class_names must name the integer labels 0..N-1 in order."
             )
         return names, None
-    values = sorted(set(train[data_args.label_column]))
+    values = sorted(set(train[data_args.label_column]) - {None})  # rows without a label: check_labels says so
     return [str(v) for v in values], {v: i for i, v in enumerate(values)}
 
 

@@ -28,7 +28,7 @@ from ..teacher_cache import load_cached_dataset, read_cache_metadata
 from ..trainer import DistillationTrainer
 from ..version import __version__
 from .cache_teacher import check_same_rows
-from .common import check_output_dir, plain_args, say
+from .common import check_output_dir, plain_args, save_or_rescue, say
 from .data import collator_for, load_data
 from .evaluation import CARD_METRICS, LOWER_IS_BETTER, METRICS, evaluate
 from .models import load_teachers, make_student
@@ -36,10 +36,12 @@ from .teacher import teacher_rows
 from .offline import resolve_model
 from .recipes import recipe_of
 from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
+from .validate import validate_run
 
 
 def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> dict:
     task, metric = model_args.task, METRICS[model_args.task]
+    validate_run(model_args, data_args, run_args, config)  # every problem at once, before anything happens
     _check_run(model_args, run_args, config)
     torch.manual_seed(config.seed)
     say(f"loading tokenizer and data ({data_args.dataset_name})")
@@ -86,7 +88,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     results["distilled"] = {"train_seconds": time.perf_counter() - start, "steps": trainer.state.global_step,
                             "train_loss": train_output.training_loss, "first_log": logs[0] if logs else None,
                             "last_log": logs[-1] if logs else None}
-    trainer.save_model(config.output_dir)
+    save_or_rescue(trainer, config.output_dir)  # a failed save never loses the trained student
     models = {"teacher": (teachers[0], prepared[0][0]), "distilled": (student, config.output_dir)}
     if len(teachers) > 1:  # every teacher's own score; the report's teacher row is the first
         results["teachers"] = [{"seed": s, "path": d, metric: measure(m) if measure else None}

@@ -50,6 +50,9 @@ def load_recipe(path: str | Path, quick: bool = False) -> dict:
     """A recipe's fields (with its `quick:` block applied when `quick`). `base: OTHER.yaml` (relative to the
     recipe) starts from that recipe: its fields, then this one's; the quick blocks merge the same way."""
     recipe, quick_block = _read_recipe(find_recipe(path), ())
+    if quick and not quick_block:
+        raise SystemExit(f"hf-kd: --quick applies a recipe's quick: block, and {path} has none; drop --quick, or add "
+                         "a quick: block of overrides (e.g. max_train_samples: 256) to the recipe.")
     if quick:
         recipe.update(quick_block)
     return recipe
@@ -60,10 +63,20 @@ def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
         raise SystemExit(f"hf-kd: recipe {path} does not exist. Pass --config recipes/NAME.yaml.")
     if path.resolve() in seen:
         raise SystemExit(f"hf-kd: recipe {path} names itself as a base, through {[str(p) for p in seen]}.")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise SystemExit(f"hf-kd: recipe {path} is not valid YAML{line} ({getattr(err, 'problem', None) or err}); "
+                         "write one field: value per line.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"hf-kd: recipe {path} cannot be read ({err}); pass a readable YAML file.") from None
     if not isinstance(recipe, dict):
         raise SystemExit(f"hf-kd: recipe {path} must be a mapping of field: value.")
     quick_block = recipe.pop("quick", None) or {}
+    if not isinstance(quick_block, dict):
+        raise SystemExit(f"hf-kd: the quick: block of recipe {path} must be a mapping of field: value.")
     base = recipe.pop("base", None)
     if base is None:
         return recipe, quick_block
@@ -94,11 +107,27 @@ def check_keys(recipe: dict, parser: argparse.ArgumentParser, source: str) -> No
     valid = {a.dest for a in parser._actions if a.dest != "help"}
     unknown = [k for k in recipe if k not in valid]
     if unknown:
-        lines = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, valid, n=1)
-            lines.append(f"'{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
-        raise SystemExit(f"hf-kd: unknown key in {source}: {', '.join(lines)}. Run `hf-kd distill --help` for fields.")
+        raise SystemExit(f"hf-kd: unknown key in {source}: {_nearest(unknown, valid, '')}. Run `hf-kd distill --help` "
+                         "for fields.")
+
+
+def _nearest(names, valid, prefix: str) -> str:
+    """`'name' (did you mean 'other'?)`, for each unknown name."""
+    lines = []
+    for key in names:
+        near = difflib.get_close_matches(key, valid, n=1)
+        lines.append(f"'{prefix}{key}'" + (f" (did you mean '{prefix}{near[0]}'?)" if near else ""))
+    return ", ".join(lines)
+
+
+def _unknown_flags(argv: list[str], parser: argparse.ArgumentParser, prog: str) -> None:
+    """Refuse command-line words that are no option of `parser`, naming the nearest options."""
+    valid = {a.dest for a in parser._actions if a.dest != "help"}
+    _, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [w[2:].split("=")[0] for w in extra if w.startswith("--")]
+        what = _nearest(flags, valid, "--") if flags else " ".join(extra)
+        raise SystemExit(f"hf-kd: {prog} has no option {what}. Run `{prog} --help` for the options.")
 
 
 def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) -> tuple:
@@ -114,8 +143,10 @@ def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) ->
         raise SystemExit(0)
     recipe = load_recipe(known.config, quick=known.quick)
     check_keys(recipe, parser, str(known.config))
+    argv = _argv_from_recipe(recipe, parser) + rest
+    _unknown_flags(argv, parser, prog)
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=_argv_from_recipe(recipe, parser) + rest))
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as err:
         raise SystemExit(f"hf-kd: {err}") from None
 
