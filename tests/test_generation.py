@@ -437,3 +437,57 @@ def test_t5_trains_end_to_end_with_mixed_windows(tmp_path):
     t.train()
     assert t.rollout.windows["student"] + t.rollout.windows["dataset"] == 4
     assert all(math.isfinite(log["loss"]) for log in t.state.log_history if "loss" in log)
+
+
+# ------------------------------------------------------------------------------ two gloo processes
+DRIVER = r'''
+import json, os, pathlib, sys
+sys.path.insert(0, os.environ["KD_TESTS"])
+import torch
+from datasets import Dataset
+import test_generation as tg
+
+rank, out = int(os.environ.get("RANK", "0")), os.environ["KD_OUT"]
+student, calls = tg.make_llama(seed=1), []
+student.generate = tg.fake_generate(student, calls=calls)
+args = tg.config(pathlib.Path(out) / f"run{rank}", lmbda=1.0, max_steps=2, optim="sgd", learning_rate=0.5,
+                 lr_scheduler_type="constant", per_device_train_batch_size=int(os.environ["KD_BATCH"]))
+t = tg.DistillationTrainer(model=student, teacher_model=tg.make_llama(layers=3, seed=2), args=args,
+                           train_dataset=Dataset.from_list(tg.ROWS * 2), processing_class=tg.gen_tokenizer())
+t.train()
+prompts = [ids[m.bool()].tolist() for ids_, mask in calls for ids, m in zip(ids_, mask)]
+torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out, f"{os.environ['KD_TAG']}{rank}.pt"))
+with open(os.path.join(out, f"{os.environ['KD_TAG']}{rank}.json"), "w") as f:
+    json.dump({"calls": len(calls), "prompts": prompts, "world": t.args.world_size}, f)
+'''
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_each_generate_for_their_prompts_and_train_as_one(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KD_OUT": str(tmp_path),
+           "KD_TESTS": str(Path(__file__).resolve().parent), "PYTHONPATH": str(root)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "recipes/accelerate/multi_cpu.yml"), str(tmp_path / "driver.py")]
+    two = subprocess.run(launch, env={**env, "KD_BATCH": "2", "KD_TAG": "two"}, capture_output=True, text=True,
+                         timeout=240)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(tmp_path / "driver.py")], env={**env, "KD_BATCH": "4", "KD_TAG": "one"},
+                         capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"two{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "one0.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and [r["calls"] for r in ranks] == [2, 2]  # each rank generates
+    assert sorted(ranks[0]["prompts"] + ranks[1]["prompts"]) == sorted(single["prompts"])  # for its own prompts
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]
+    trained = [torch.load(tmp_path / f"{tag}.pt") for tag in ("two0", "two1", "one0")]
+    for name in trained[2]:  # both ranks hold the student of one process with the doubled batch
+        torch.testing.assert_close(trained[0][name], trained[2][name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[1][name], trained[0][name])
