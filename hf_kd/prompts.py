@@ -10,8 +10,9 @@ A row is one of
 
 `PromptCollator` turns rows into ``prompt_input_ids``/``prompt_attention_mask`` (left-padded for decoder-only
 models, as `generate` wants them) and ``completion_input_ids``/``completion_attention_mask`` (right-padded, the
-end-of-sequence token appended). Which completions a batch trains on, and its labels, are decided per
-accumulation window by `hf_kd.distill.rollout`.
+end-of-sequence token appended). Which completions a batch trains on is decided per accumulation window by
+`hf_kd.distill.rollout`; `causal_batch` / `seq2seq_batch` then make the LM batch the losses read, with labels on
+the completion tokens up to and including the first EOS (`first_eos_mask`), -100 on the prompt and after it.
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ class PromptCollator:
         encoder_decoder: a seq2seq student (the prompt is the encoder's input, padded on the right).
         max_prompt_length: keep the last this many prompt tokens (None = all).
         max_completion_length: keep the first this many dataset completion tokens, EOS included (None = all).
+        lm: return the LM batch of the dataset's completions instead (``input_ids``, ``attention_mask``, ``labels``
+            masked on the prompt and after the first EOS), e.g. to train on them with a plain `transformers.Trainer`.
     """
 
     def __init__(self, tokenizer, encoder_decoder: bool = False, max_prompt_length: int | None = None,
-                 max_completion_length: int | None = None):
-        self.tokenizer, self.encoder_decoder = tokenizer, encoder_decoder
+                 max_completion_length: int | None = None, lm: bool = False):
+        self.tokenizer, self.encoder_decoder, self.lm = tokenizer, encoder_decoder, lm
         self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -118,7 +121,48 @@ class PromptCollator:
         completions = [c for _, c in encoded]
         if all(c is not None for c in completions):
             out.update(zip(PROMPT_KEYS[2:], pad(completions, self.pad, left=False)))
-        return out
+        if not self.lm:
+            return out
+        keep = first_eos_mask(out["completion_input_ids"], [self.eos], out["completion_attention_mask"])
+        if self.encoder_decoder:
+            return seq2seq_batch(out["prompt_input_ids"], out["prompt_attention_mask"], out["completion_input_ids"], keep)
+        return causal_batch(out["prompt_input_ids"], out["prompt_attention_mask"], out["completion_input_ids"], keep,
+                            self.pad)
+
+
+def first_eos_mask(ids: torch.Tensor, eos_ids, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool: the valid completion tokens up to and including the first EOS of each row (all valid ones when
+    a row has none). Tokens after the first EOS never count, whatever they are (pad, or EOS again when pad == EOS)."""
+    valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
+    is_eos = torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device)) & valid  # (B, L)
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS strictly before each position
+    return valid & (eos_before == 0)
+
+
+def causal_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, pad_id: int) -> dict[str, torch.Tensor]:
+    """Decoder-only: each row's prompt tokens then its kept completion tokens, right-padded; labels on the
+    completion alone."""
+    rows = []
+    for p, pm, c, cm in zip(prompt_ids, prompt_mask.bool(), completion_ids, completion_mask.bool()):
+        p, c = p[pm], c[cm]
+        rows.append((torch.cat([p, c]), torch.cat([torch.full_like(p, -100), c])))
+    width = max(len(ids) for ids, _ in rows)
+    out = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+    }
+    for i, (ids, labels) in enumerate(rows):
+        out["input_ids"][i, : len(ids)], out["labels"][i, : len(ids)] = ids, labels
+        out["attention_mask"][i, : len(ids)] = 1
+    return {k: v.to(prompt_ids.device) for k, v in out.items()}
+
+
+def seq2seq_batch(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
+    """Encoder-decoder: the prompt is the encoder's input, the kept completion tokens the labels."""
+    width = max(1, int(completion_mask.sum(-1).max()))
+    labels = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, -100))[:, :width]
+    return {"input_ids": prompt_ids, "attention_mask": prompt_mask, "labels": labels}
 
 
 def pad(seqs: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
 from hf_kd.distill.generation_eval import GeneratedTexts
-from hf_kd.distill.rollout import Rollout, first_eos_mask
-from hf_kd.prompts import PromptCollator
+from hf_kd.distill.rollout import Rollout
+from hf_kd.prompts import PromptCollator, first_eos_mask
 
 PAD, UNK, EOS = 0, 1, 2
 CHAT = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
@@ -143,6 +143,9 @@ def test_collator_left_pads_prompts_and_appends_eos_to_completions():
     assert batch["prompt_attention_mask"][1].tolist() == [0, 1, 1]
     assert batch["completion_input_ids"][0].tolist() == [*ids("very good"), EOS, PAD]
     assert batch["completion_attention_mask"][0].tolist() == [1, 1, 1, 0]
+    lm = PromptCollator(tok, lm=True)(ROWS[:1])  # the dataset's completions as an LM batch (plain Trainer)
+    assert lm["input_ids"][0].tolist() == [*ids("the film was very good"), EOS]
+    assert lm["labels"][0].tolist() == [-100] * 3 + [*ids("very good"), EOS]
     seq2seq = PromptCollator(tok, encoder_decoder=True, max_prompt_length=2)(ROWS[:2])
     assert seq2seq["prompt_input_ids"][0].tolist() == ids("film was")  # the last 2 tokens, right padding
 

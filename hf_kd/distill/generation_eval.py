@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rollout import Rollout, first_eos_mask, generation_mode
+from ..prompts import first_eos_mask
+from .rollout import Rollout, generation_mode
 from .targets import logit_targets, split_inputs
 
 NAMES = ("gen_teacher_nll", "gen_reverse_kl", "gen_teacher_agreement", "gen_length", "gen_eos_rate", "gen_distinct_2")

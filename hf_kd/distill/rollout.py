@@ -30,6 +30,7 @@ import random
 import torch
 
 from .. import prompts
+from ..prompts import causal_batch, first_eos_mask, seq2seq_batch
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -41,41 +42,6 @@ GENERATIVE_TASKS = ("causal_lm", "seq2seq_lm")
 def generates(args) -> bool:
     """Whether training ever generates completions (lmbda > 0 at some step, or seq_kd)."""
     return args.lmbda > 0 or (args.lmbda_schedule != "constant" and (args.lmbda_end or 0) > 0) or args.seq_kd
-
-
-def first_eos_mask(ids: torch.Tensor, eos_ids, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) bool: the valid completion tokens up to and including the first EOS of each row (all valid ones when
-    a row has none). Tokens after the first EOS never count, whatever they are (pad, or EOS again when pad == EOS)."""
-    valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
-    is_eos = torch.isin(ids, torch.as_tensor(list(eos_ids), device=ids.device)) & valid  # (B, L)
-    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # EOS strictly before each position
-    return valid & (eos_before == 0)
-
-
-def causal_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder-only: each row's prompt tokens then its kept completion tokens, right-padded; labels on the
-    completion alone."""
-    rows = []
-    for p, pm, c, cm in zip(prompt_ids, prompt_mask.bool(), completion_ids, completion_mask.bool()):
-        p, c = p[pm], c[cm]
-        rows.append((torch.cat([p, c]), torch.cat([torch.full_like(p, -100), c])))
-    width = max(len(ids) for ids, _ in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
-    }
-    for i, (ids, labels) in enumerate(rows):
-        out["input_ids"][i, : len(ids)], out["labels"][i, : len(ids)] = ids, labels
-        out["attention_mask"][i, : len(ids)] = 1
-    return {k: v.to(prompt_ids.device) for k, v in out.items()}
-
-
-def seq2seq_batch(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
-    """Encoder-decoder: the prompt is the encoder's input, the kept completion tokens the labels."""
-    width = max(1, int(completion_mask.sum(-1).max()))
-    labels = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, -100))[:, :width]
-    return {"input_ids": prompt_ids, "attention_mask": prompt_mask, "labels": labels}
 
 
 def concat_prompts(batches: list[dict], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
