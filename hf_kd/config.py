@@ -56,7 +56,10 @@ def generation_config_of(value: Any) -> GenerationConfig:
             return GenerationConfig.from_pretrained(folder, config_file_name=name)
     if not isinstance(value, dict):
         raise ValueError(f"{value!r} is not a GenerationConfig, dict, JSON text or path.")
-    return GenerationConfig(**{**DEFAULT_GENERATION, **value})
+    merged = {**DEFAULT_GENERATION, **value}
+    if not merged["do_sample"]:  # greedy: the sampling defaults do not apply
+        merged = {k: v for k, v in merged.items() if k in value or k not in ("temperature", "top_p", "top_k")}
+    return GenerationConfig(**merged)
 
 
 def parse_layer_map(value: Any) -> str | list[list[int]]:
