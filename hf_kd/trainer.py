@@ -452,6 +452,7 @@ class DistillationTrainer(Trainer):
             return None
         collate = self._get_collator_with_removed_columns(self.data_collator, "latency")
         batch = self._prepare_inputs(collate([dataset[i] for i in range(n)]))
+        batch = self.rollout.model_batch(batch) if self.rollout is not None and self.rollout.applies(batch) else batch
         return {k: v for k, v in split_inputs(self.task, batch, unwrap(self.model)).items() if torch.is_tensor(v)}
 
     def _write_card(self, folder, measure: bool = True, **overrides) -> None:

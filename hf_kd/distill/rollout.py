@@ -153,6 +153,15 @@ class Rollout:
         return self.lm_batch(batch["prompt_input_ids"], batch["prompt_attention_mask"], c,
                              first_eos_mask(c, self.eos_ids, batch["completion_attention_mask"]))
 
+    def model_batch(self, batch: dict) -> dict:
+        """A model-ready batch of a prompt-completion batch (e.g. to time the models): the dataset's completions, or
+        the prompts alone (seq2seq: with one decoder position) for prompt-only data."""
+        if "completion_input_ids" in batch:
+            return self.dataset_batch(batch)
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        c = torch.full((ids.shape[0], 1), self.eos_ids[0], dtype=ids.dtype, device=ids.device)
+        return self.lm_batch(ids, mask, c, torch.ones_like(c, dtype=torch.bool))
+
     def lm_batch(self, p_ids, p_mask, c_ids, c_mask) -> dict:
         if self.encoder_decoder:
             return seq2seq_batch(p_ids, p_mask, c_ids, c_mask)
