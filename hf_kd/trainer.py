@@ -116,6 +116,7 @@ class DistillationTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         self.backend = distributed.backend_of(self.accelerator)
         problems = distributed.backend_problems(self.backend, self.accelerator, self.args, len(self.projections))
+        problems += rollout.backend_problems(self.backend, self.args)
         if problems:  # the launcher's configuration, the same on every process: every process refuses
             raise InputError(f"Cannot distil under {self.backend.name}:\n  - " + "\n  - ".join(problems))
 

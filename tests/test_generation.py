@@ -422,6 +422,10 @@ def test_bad_generation_inputs_are_refused_before_training(tmp_path):
     with pytest.raises(InputError, match="prompts without completions"):
         trainer(tmp_path, rows=[{"prompt": "the film"}], lmbda=0.5)
     trainer(tmp_path, rows=[{"prompt": "the film"}], lmbda=1.0)  # prompt-only data serves on-policy training
+    with pytest.raises(InputError, match="eval_dataset has no prompt"):
+        DistillationTrainer(model=make_llama(seed=1), teacher_model=make_llama(seed=2), processing_class=gen_tokenizer(),
+                            args=config(tmp_path, eval_generation=True), train_dataset=Dataset.from_list(ROWS),
+                            eval_dataset=Dataset.from_list([{"input_ids": [5, 6, 7]}]))
     with pytest.raises(InputError, match="vocabulary has 64 tokens and the teacher's 48"):
         trainer(tmp_path, teacher=make_llama(vocab=48), lmbda=1.0)
     from conftest import make_bert
@@ -494,3 +498,40 @@ def test_two_gloo_processes_each_generate_for_their_prompts_and_train_as_one(tmp
     for name in trained[2]:  # both ranks hold the student of one process with the doubled batch
         torch.testing.assert_close(trained[0][name], trained[2][name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(trained[1][name], trained[0][name])
+
+
+def test_gradient_checkpointing_students_generate_with_the_cache_in_eval_mode_and_keep_checkpointing(tmp_path):
+    student, seen = make_llama(seed=1), []
+    fake = fake_generate(student)
+
+    def generate(**kw):
+        seen.append((student.training, kw["generation_config"].use_cache, student.is_gradient_checkpointing))
+        return fake(**kw)
+
+    student.generate = generate
+    t = trainer(tmp_path, student=student, lmbda=1.0, max_steps=1, gradient_checkpointing=True)
+    t.train()
+    assert seen == [(False, True, True)]
+    assert student.is_gradient_checkpointing and student.training  # restored after generating
+
+
+def test_t5_generation_evaluation_of_identical_models(tmp_path):
+    teacher = make_t5(seed=4)
+    t = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, processing_class=gen_tokenizer(),
+                            args=config(tmp_path, eval_generation=True, per_device_eval_batch_size=4),
+                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS))
+    metrics = t.evaluate_generation()
+    assert metrics["eval_gen_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["eval_gen_teacher_agreement"] == 1.0 and metrics["eval_gen_teacher_nll"] > 0
+
+
+def test_generation_is_refused_on_backends_that_shard_the_models(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_kd.distill.rollout import backend_problems
+
+    fsdp = SimpleNamespace(shards_models=True, name="FSDP")
+    assert backend_problems(fsdp, config(tmp_path, lmbda=0.5)) and backend_problems(fsdp, config(tmp_path, seq_kd=True))
+    assert not backend_problems(fsdp, config(tmp_path)) and not backend_problems(SimpleNamespace(shards_models=False,
+                                                                                               name="DDP"),
+                                                                              config(tmp_path, lmbda=1.0))

@@ -208,10 +208,24 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
                 f"the teacher's vocabulary ({t_vocab} ids) is smaller than the student's ({s_vocab}): the teacher "
                 "cannot score every token the student generates. Use a teacher with the student's tokenizer."
             )
+    eval_dataset = kwargs.get("eval_dataset")
+    if args.eval_generation and eval_dataset is not None and not isinstance(eval_dataset, dict) \
+            and not prompts.is_prompt_data(eval_dataset):
+        raise InputError("eval_generation=True generates completions for the evaluation prompts, but eval_dataset has "
+                         "no prompt/completion (or messages) rows; give it prompt rows, or set eval_generation=False.")
     for d in datasets:
         check_prompts(d, kwargs.get("data_collator"), args, task, [m for m in (student, teacher) if m is not None],
                       args.lmbda < 1 and not args.seq_kd and d is kwargs.get("train_dataset"))
     return Rollout(args, task, tokenizer, student)
+
+
+def backend_problems(backend, args) -> list[str]:
+    """Generation needs whole models on each process: FSDP and DeepSpeed ZeRO-3 shard them."""
+    if (generates(args) or args.eval_generation) and backend.shards_models:
+        return [f"lmbda/seq_kd/eval_generation generate with model.generate, which cannot run on the shards that "
+                f"{backend.name} holds on each process; use DDP (or one process), or set lmbda=0, seq_kd=False, "
+                "eval_generation=False."]
+    return []
 
 
 def check_prompts(dataset, collator, args, task: str, models: list, needs_completions: bool, rows: int = 100) -> None:
