@@ -151,7 +151,8 @@ def seed_worker(payload):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_seed_arguments(parser)
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16, 24, 30], help="teacher layers kept (1-based)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6, 10, 14, 18, 22, 26, 30],
+                        help="teacher layers kept (1-based)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
