@@ -91,9 +91,8 @@ class Rollout:
         if not eos:
             eos = [student_model.config.get_text_config().eos_token_id]
         self.eos_ids = sorted({e for e in eos if e is not None})
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = pad if pad is not None else gen.pad_token_id if gen.pad_token_id is not None else getattr(defaults, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        pads = (getattr(tokenizer, "pad_token_id", None), gen.pad_token_id, getattr(defaults, "pad_token_id", None))
+        self.pad_id = next((p for p in pads if p is not None), self.eos_ids[0])  # pad == EOS is fine: see the module
         gen.eos_token_id, gen.pad_token_id, gen.use_cache = self.eos_ids, self.pad_id, True
         self.generation_config = gen
         self.greedy_config = copy.deepcopy(gen)
