@@ -5,6 +5,8 @@ from .hub import CardInfo, PushError, push_student, read_provenance, weights_sha
 from .teacher_cache import cache_teacher_outputs, load_cached_dataset
 from .student import init_student, student_from_config, student_from_teacher, uniform_layers
 from .errors import InputError, NonFiniteLossError
+from .prompts import PromptCollator
+from .distill.generation_eval import GeneratedTexts
 from .trainer import DistillationTrainer
 from .version import __version__
 
@@ -25,5 +27,7 @@ __all__ = [
     "student_from_config",
     "student_from_teacher",
     "uniform_layers",
+    "PromptCollator",
+    "GeneratedTexts",
     "__version__",
 ]

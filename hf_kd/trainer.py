@@ -11,17 +11,17 @@ card's measurements (`card`).
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import Trainer
 from transformers.trainer_utils import HubStrategy
 from transformers.utils.hub import PushInProgress
 
-from . import adapters, distributed, hub, relations, teacher_cache
+from . import adapters, distributed, hub, prompts, relations, teacher_cache
 from .config import DistillationConfig
-from .distill import card, checks, nonfinite, publish
+from .distill import card, checks, generation_eval, nonfinite, publish, rollout
 from .distill.checkpoint import Checkpoints, check_finite_weights, write_signature
 from .distill.head_route import HeadRoute, logit_chunk_size
 from .distill.objective import Meter, Objective
@@ -69,6 +69,8 @@ class DistillationTrainer(Trainer):
             model = checks.prepare_student(model, args, self.task)
             self.teacher_set, self.plan = checks.start(unwrap(model), sources, args, self.task, teacher_tokenizer,
                                                       kwargs.get("train_dataset"), kwargs.get("processing_class"))
+            # prompt-completion data and generated completions (docs/generation.md); may default the collator
+            self.rollout = rollout.prepare(kwargs, args, self.task, unwrap(model), unwrap(self.teacher_set.first))
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         checks.fail_together(failure, args.world_size)
@@ -114,6 +116,7 @@ class DistillationTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         self.backend = distributed.backend_of(self.accelerator)
         problems = distributed.backend_problems(self.backend, self.accelerator, self.args, len(self.projections))
+        problems += rollout.backend_problems(self.backend, self.args)
         if problems:  # the launcher's configuration, the same on every process: every process refuses
             raise InputError(f"Cannot distil under {self.backend.name}:\n  - " + "\n  - ".join(problems))
 
@@ -122,6 +125,8 @@ class DistillationTrainer(Trainer):
         if self.teacher_set.cache_meta is not None:  # remove_unused_columns must keep the cached teacher columns
             columns = teacher_cache.cache_columns(self.teacher_set.cache_meta)
             self._signature_columns += [c for c in columns if c not in self._signature_columns]
+        if self.rollout is not None:  # the prompt-completion columns, tokenized by the collator
+            self._signature_columns += [c for c in prompts.COLUMNS if c not in self._signature_columns]
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -187,6 +192,11 @@ class DistillationTrainer(Trainer):
         self.projections.zero_grad(set_to_none=True)
         self.meter.steps += 1
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and self.rollout is not None and self.rollout.applies(batch_samples[0]):
+            # the window's completions (generated once for all its prompts, or the dataset's), then their count
+            batch_samples = self.rollout.window(batch_samples, self._student(), unwrap(self.teacher),
+                                                self.state.global_step, self.state.max_steps or 1)
+            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         if batch_samples:  # the normalisers of the whole window, over every process
             self._window_counts = window_counts(self.task, batch_samples, self.args.device,
                                                 self.accelerator.reduce if self.args.world_size > 1 else None)
@@ -253,14 +263,21 @@ class DistillationTrainer(Trainer):
             # items), so the sum over processes is the number one process with the whole batch logs.
             totals = distributed.sum_over_processes(self.meter.vector(self.args.device), self.accelerator).tolist()
             logs.update(self.meter.means(totals))
-            for name in ("temperature", "alpha"):  # a schedule: the value the window's last optimizer step used
+            for name in ("temperature", "alpha", "lmbda"):  # a schedule: the value the window's last optimizer step used
                 if getattr(self.args, f"{name}_schedule") != "constant":
                     logs[name] = self._scheduled(name, self.state.global_step - 1)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation and publishing (hf_kd.hub)
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        generation = self.args.eval_generation and not self._evaluating_teacher
+        compute_metrics, self.compute_metrics = self.compute_metrics, None if generation else self.compute_metrics
+        try:  # with eval_generation, compute_metrics receives the generated texts (hf_kd.distill.generation_eval)
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self.compute_metrics = compute_metrics
+        if generation:
+            metrics.update(self.evaluate_generation(eval_dataset, metric_key_prefix))
         if eval_dataset is None and self.eval_dataset is not None and not isinstance(self.eval_dataset, dict):
             # Results on the trainer's own evaluation split are the ones the model card reports.
             role = "teacher" if self._evaluating_teacher else "student"
@@ -286,7 +303,24 @@ class DistillationTrainer(Trainer):
         finally:
             self._evaluating_teacher = False
 
+    def evaluate_generation(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The generation metrics of `hf_kd.distill.generation_eval` on the evaluation prompts, logged."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        several = self.args.world_size > 1
+        metrics, texts = generation_eval.evaluate_generation(
+            self.rollout, self.task, self._student(), unwrap(self.teacher), self.get_eval_dataloader(eval_dataset),
+            tokenizer, self.accelerator.reduce if several else None, gather_object if several else None)
+        if self.compute_metrics is not None and texts is not None:
+            metrics.update(self.compute_metrics(texts))
+        metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        return metrics
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.rollout is not None and self.rollout.applies(inputs):  # the dataset's completions, or no loss
+            if "completion_input_ids" not in inputs:
+                return None, None, None
+            inputs = self.rollout.dataset_batch(inputs)
         if self._evaluating_teacher:
             model = self.teacher_set.runners[0]
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
@@ -432,6 +466,7 @@ class DistillationTrainer(Trainer):
             return None
         collate = self._get_collator_with_removed_columns(self.data_collator, "latency")
         batch = self._prepare_inputs(collate([dataset[i] for i in range(n)]))
+        batch = self.rollout.model_batch(batch) if self.rollout is not None and self.rollout.applies(batch) else batch
         return {k: v for k, v in split_inputs(self.task, batch, unwrap(self.model)).items() if torch.is_tensor(v)}
 
     def _write_card(self, folder, measure: bool = True, **overrides) -> None:

@@ -3,6 +3,7 @@
     python scripts/bench.py                 # CPU default (32k vocabulary, 8 x 512 = 4,096 tokens a batch)
     python scripts/bench.py --preset gpu    # a larger pair on a CUDA device (its default there), in bf16
     python scripts/bench.py --steps 1 --reps 2 --skip trl   # quicker; any section can be skipped
+    python scripts/bench.py --onpolicy --steps 2 --reps 2   # on-policy: hf_kd vs trl.DistillationTrainer
 
 Every variant trains the same student (same initial weights, AdamW, same batch) against the same teacher
 with the same divergence (forward KL(teacher || student), T = 1: TRL's GKD loss with beta = 0, computed
@@ -31,6 +32,11 @@ of its forward time in its layers, as real language models do.
 On CUDA every variant runs as `bf16=True` trains (`--precision bf16`, the default there): the teacher's weights
 in bf16, the student's forward in bf16 autocast over fp32 master weights; hf_kd with `teacher_dtype: bfloat16`.
 `--chunk_size N` times hf_kd with chunks of N positions instead of its automatic size.
+
+`--onpolicy` runs the on-policy section instead: SmolLM2-135M-Instruct into `--onpolicy_layers` of its layers
+(offline weights, see hf_kd.apps.offline), hf_kd (`lmbda=1`, reverse KL) against `trl.DistillationTrainer`
+(`beta=1`, `generate`, no vLLM), same prompts, exactly `--onpolicy_tokens` sampled tokens each: seconds per
+optimizer step with the generation, and the peak memory of the run, each variant in a fresh process.
 
 Peak memory is measured in a fresh subprocess per variant: on CPU the peak resident set size of the step
 (Linux resets the high-water mark through /proc/self/clear_refs, read back as VmHWM), on CUDA
@@ -404,6 +410,106 @@ def measure_memory(cases, args) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- on-policy section (--onpolicy)
+ONPOLICY_TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def onpolicy_case(name: str, args) -> dict:
+    """One variant's on-policy run on the SmolLM2 pair, in this fresh process: the seconds of each timed optimizer
+    step (generation included) and the peak memory (MiB) of the steps above what was in use before training.
+
+    Both variants: the same student (teacher layers `--onpolicy_layers`), the same prompt rows (the first 8 words
+    of Rotten Tomatoes reviews; each trainer's sampler orders them), exactly `--onpolicy_tokens` sampled tokens per completion
+    (min_new_tokens = max_new_tokens), the reverse KL at T = 1 (TRL's beta = 1), AdamW, `transformers.generate`."""
+    from datasets import Dataset, load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from hf_kd import student_from_teacher
+    from hf_kd.apps.data import prompt_rows
+    from hf_kd.apps.offline import resolve_dataset, resolve_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model(ONPOLICY_TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    student = student_from_teacher(teacher, args.onpolicy_layers)
+    n_steps = args.warmup + args.steps
+    texts = [t for t in load_dataset(**resolve_dataset("cornell-movie-review-data/rotten_tomatoes"))["train"]["text"]]
+    rows = prompt_rows(texts, 8)[: args.onpolicy_batch * n_steps]
+    tokens = args.onpolicy_tokens
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=n_steps, per_device_train_batch_size=args.onpolicy_batch,
+                  learning_rate=1e-5, report_to="none", save_strategy="no", logging_steps=n_steps, disable_tqdm=True,
+                  use_cpu=device == "cpu", seed=0)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, *a, **k):
+            self.marks.append(_now())
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(_now())
+
+    clock = Clock()
+    if name == "hf_kd":
+        from hf_kd import DistillationConfig, DistillationTrainer
+
+        sampling = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": True, "temperature": 1.0,
+                    "top_k": 0, "top_p": 1.0}
+        config = DistillationConfig(**common, lmbda=1.0, kd_loss="reverse_kl", temperature=1.0, alpha=1.0,
+                                    generation_config=sampling)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, callbacks=[clock],
+                                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    else:
+        from trl import DistillationConfig as TRLConfig, DistillationTrainer as TRLTrainer
+
+        config = TRLConfig(**common, beta=1.0, temperature=1.0, top_k=0, top_p=1.0, max_completion_length=tokens,
+                           generation_kwargs={"min_new_tokens": tokens})
+        trainer = TRLTrainer(model=student, teacher_model=teacher, args=config, callbacks=[clock],
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    before = _reset_peak(device)
+    trainer.train()
+    peak = _peak(device) - before
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][args.warmup:]
+    return {"step_s": steps, "peak_mib": peak, "student_params": n_params(student), "teacher_params": n_params(teacher)}
+
+
+def onpolicy_section(args) -> dict:
+    """hf_kd vs trl.DistillationTrainer, on-policy (generate, no vLLM): each repetition runs both, interleaved, each
+    in a fresh process; medians of the step times and of the peak memory."""
+    results = {"hf_kd": [], "trl": []}
+    for rep in range(args.reps):
+        for name in results:
+            cmd = [sys.executable, __file__, "--_onpolicy_case", name, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--onpolicy_batch", str(args.onpolicy_batch), "--onpolicy_tokens",
+                   str(args.onpolicy_tokens), "--onpolicy_layers", *map(str, args.onpolicy_layers)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("ONPOLICY ")]
+            if proc.returncode or not lines:
+                print(f"[bench] on-policy {name} failed:\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            results[name].append(json.loads(lines[-1][len("ONPOLICY "):]))
+            last = results[name][-1]
+            print(f"[bench] on-policy rep {rep} {name}: steps {[round(x, 2) for x in last['step_s']]} s, peak "
+                  f"{last['peak_mib']:.0f} MiB", flush=True)
+    summary = {}
+    for name, runs in results.items():
+        if runs:
+            summary[name] = {"step_s": statistics.median(x for r in runs for x in r["step_s"]),
+                             "peak_mib": statistics.median(r["peak_mib"] for r in runs)}
+    if len(summary) == 2:
+        summary["ratios"] = {"step time hf_kd / trl": summary["hf_kd"]["step_s"] / summary["trl"]["step_s"],
+                             "peak memory hf_kd / trl": summary["hf_kd"]["peak_mib"] / summary["trl"]["peak_mib"]}
+        print(f"\non-policy, SmolLM2-135M-Instruct -> layers {args.onpolicy_layers}, batch {args.onpolicy_batch}, "
+              f"{args.onpolicy_tokens} generated tokens:")
+        for name in ("hf_kd", "trl"):
+            print(f"  {name:6s} {summary[name]['step_s']:8.2f} s/step  {summary[name]['peak_mib']:8.0f} MiB peak")
+        for label, value in summary["ratios"].items():
+            print(f"  {label:28s} {value:6.2f}  (target <= 1.00)")
+    return summary
+
+
 # --------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,8 +530,22 @@ def main() -> int:
     parser.add_argument("--chunk_size", type=int, default=0,
                         help="hf_kd's logit_chunk_size, timed and measured (0 = auto, as a user gets it)")
     parser.add_argument("--batch", type=int, help="sequences a batch (default: the preset's)")
+    parser.add_argument("--onpolicy", action="store_true",
+                        help="run the on-policy section alone: hf_kd vs trl.DistillationTrainer on the SmolLM2 pair")
+    parser.add_argument("--onpolicy_layers", type=int, nargs="+", default=[10, 20, 30])
+    parser.add_argument("--onpolicy_batch", type=int, default=4)
+    parser.add_argument("--onpolicy_tokens", type=int, default=16)
     parser.add_argument("--_memory_case", help=argparse.SUPPRESS)
+    parser.add_argument("--_onpolicy_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._onpolicy_case:
+        print("ONPOLICY " + json.dumps(onpolicy_case(args._onpolicy_case, args)), flush=True)
+        return 0
+    if args.onpolicy:
+        summary = onpolicy_section(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"onpolicy": summary}, indent=1))
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
     if args._memory_case:

@@ -163,3 +163,38 @@ def test_recipe_parses_and_says_how_to_run_it():
     _, quick, _, quick_config = parse_distill_args(["--config", "smollm2", "--quick", "--max_steps", "7"])
     assert quick_config.max_steps == 7 and quick.max_eval_samples == 20  # command line over quick over recipe
     assert quick_config.output_dir != config.output_dir
+
+
+def test_prompt_rows_split_texts_into_prompt_and_completion():
+    from hf_kd.apps.data import prompt_rows
+
+    rows = prompt_rows(["the film was very good", "too short", "a b c d"], words=2)
+    assert rows == [{"prompt": "the film", "completion": " was very good"}, {"prompt": "a b", "completion": " c d"}]
+
+
+@pytest.mark.slow
+def test_on_policy_run_through_hf_kd_distill(tmp_path, teacher_dir, monkeypatch):
+    """prompt_words turns the texts into prompt-completion rows: the student generates every window, the baseline
+    trains on the dataset's completions, the held-out perplexity is measured on the reference texts."""
+    windows = []
+    original = DistillationTrainer.get_batch_samples
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        windows.append((self.rollout.last_source, out[0][0]["labels"].clone()))
+        return out
+
+    monkeypatch.setattr(DistillationTrainer, "get_batch_samples", recording)
+    model_args = ModelArguments(teacher_model_name_or_path=str(teacher_dir), task="causal_lm",
+                                student_layers=json.dumps(LAYERS))
+    data_args = DataArguments(dataset_name=str(write_texts(tmp_path / "texts")), prompt_words=2, max_length=32)
+    config = DistillationConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, temperature=1.0, alpha=1.0,
+        lmbda=1.0, kd_loss="reverse_kl", generation_config={"max_new_tokens": 4}, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0,
+    )
+    results = run_distill(model_args, data_args, RunArguments(baseline=True), config)
+    assert [source for source, _ in windows] == ["student", "student"]
+    assert all((labels[:, :2] == -100).all() for _, labels in windows)  # [CLS] + the first prompt word carry no loss
+    assert results["distilled"]["steps"] == results["baseline"]["steps"] == 2
+    assert all(math.isfinite(results[k]["perplexity"]) for k in ("distilled", "baseline"))

@@ -152,6 +152,14 @@ class DataArguments:
             "its own, truncated at max_length."
         },
     )
+    prompt_words: int | None = field(
+        default=None,
+        metadata={
+            "help": "causal_lm: train on prompt-completion pairs made from the texts: the first N words of each "
+            "training text are the prompt, the rest its completion (texts of fewer than N + 2 words are dropped). "
+            "Data with prompt/completion or messages columns is used as such. See docs/generation.md."
+        },
+    )
     mlm_probability: float = field(
         default=0.15, metadata={"help": "masked_lm: share of tokens masked; 0 = distil every position unmasked."}
     )

