@@ -32,17 +32,28 @@ the teacher's ``head_dim`` whatever the hidden size.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import InputError
-from .student import _layer_list, student_config_from, student_from_teacher
+from .student import (
+    _layer_list,
+    check_student_folders,
+    load_teacher_folder,
+    parse_student_layers,
+    student_config_from,
+    student_from_teacher,
+)
+
+#: The record of what a pruned student kept, written beside its weights.
+PLAN_NAME = "hf_kd_pruning.json"
 
 __all__ = [
     "Importance", "PrunePlan", "Family", "family_of", "calibration_batches", "measure_importance",
-    "layer_importance", "choose_layers", "prune_width", "prune_student",
+    "layer_importance", "choose_layers", "prune_width", "prune_student", "prune_folder", "PLAN_NAME",
 ]
 
 
@@ -396,3 +407,32 @@ def prune_student(teacher, batches: list[dict], hidden_size=None, num_attention_
     student, plan = prune_width(shallow, batches, hidden_size, num_attention_heads, intermediate_size, layers=kept)
     plan.layer_importance = depth_scores
     return student, plan
+
+
+def prune_folder(teacher: str, output_dir: str, texts: list[str], hidden_size=None, num_attention_heads=None,
+                 intermediate_size=None, layers=None, max_length: int = 128, batch_size: int = 16,
+                 overwrite_output_dir: bool = False) -> dict:
+    """Write to `output_dir` the teacher folder `teacher` pruned by importance measured on `texts` (see
+    `prune_student`), with the teacher's tokenizer and `hf_kd_pruning.json` (what was kept, the layer scores).
+
+    Sizes and folders are checked before the teacher is run; nothing is written when a check fails. `layers`: a
+    number (chosen by importance), a 1-based list, or their text. Returns a summary.
+    """
+    source, out = check_student_folders(teacher, output_dir, overwrite_output_dir)
+    layers = parse_student_layers(layers) if layers is not None else None
+    model, tokenizer = load_teacher_folder(source)
+    if tokenizer is None:
+        raise InputError(f"the teacher folder {teacher!r} has no tokenizer to read the calibration text with; save "
+                         "the teacher's tokenizer into it (tokenizer.save_pretrained).")
+    check_sizes(_sizes(model.config), family_of(model), hidden_size, num_attention_heads, intermediate_size,
+                layers if isinstance(layers, int) else None)
+    batches = calibration_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    student, plan = prune_student(model, batches, hidden_size, num_attention_heads, intermediate_size, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / PLAN_NAME).write_text(json.dumps({"teacher": str(teacher), "calibration_rows": len(texts), **plan.to_dict()},
+                                            indent=1))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"teacher": str(teacher), "output_dir": str(out), "plan": plan, "teacher_layers": _sizes(model.config)["layers"],
+            "parameters": count(student), "teacher_parameters": count(model)}

@@ -277,3 +277,23 @@ def test_init_student_prune_refuses_before_writing(tmp_path):
         main(["init-student", "--teacher", str(teacher_dir), "--prune", "width", "--hidden_size", "64",
               "--calibration", str(data), "--output_dir", str(out)])
     assert not out.exists()
+
+
+def test_a_recipes_student_prune_prunes_the_teacher_on_the_training_rows():
+    from datasets import Dataset
+
+    from hf_kd.apps.arguments import ModelArguments
+    from hf_kd.apps.models import make_student
+
+    tok = build_tokenizer()
+    texts = ["good film very fun", "a dull plot", "the acting was not great", "superb story", "bad and boring"] * 4
+    train = Dataset.from_dict(dict(tok(texts)))
+    teacher = make_bert(layers=3, hidden=16, heads=4, vocab=len(tok), seed=8)
+    args = ModelArguments(teacher_model_name_or_path="t", student_prune="{hidden_size: 8, layers: 2, calibration_samples: 12}")
+    student, made = make_student(args, teacher, train=train, tokenizer=tok)
+    assert (student.config.hidden_size, student.config.num_attention_heads, student.config.num_hidden_layers) == (8, 2, 2)
+    assert "pruned by importance on 12 training rows" in made
+    with pytest.raises(ValueError, match="student_prune has no key 'hidden'"):
+        ModelArguments(teacher_model_name_or_path="t", student_prune="{hidden: 8}")
+    with pytest.raises(ValueError, match="student_prune .* alone"):
+        ModelArguments(teacher_model_name_or_path="t", student_prune="{hidden_size: 8}", student_layers="2")
