@@ -135,6 +135,25 @@ def _forward(model, batch: dict) -> None:
     model(**inputs)
 
 
+def _run(model, batches: list[dict], state: dict, hooks: list) -> int:
+    """Run `model` in eval mode over `batches` with `hooks` attached (each batch's token mask in ``state["mask"]``),
+    then remove them and restore the mode; the number of real tokens seen."""
+    was_training, tokens = model.training, 0
+    model.eval()
+    try:
+        for batch in batches:
+            state["mask"] = _token_mask(batch)
+            tokens += int(state["mask"].sum())
+            _forward(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise InputError("the calibration batches hold no tokens; give some text.")
+    return tokens
+
+
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over the real tokens of (B, T, ...) values: (...)."""
     return values[mask.to(values.device)].sum(0)
@@ -191,19 +210,7 @@ def measure_importance(model, batches: list[dict]) -> Importance:
         weight = getattr(module, "weight", None)
         if _is_norm(module) and isinstance(weight, torch.Tensor) and weight.shape == (hidden,):
             hooks.append(module.register_forward_hook(channel_hook))
-    was_training, tokens = model.training, 0
-    model.eval()
-    try:
-        for batch in batches:
-            state["mask"] = _token_mask(batch)
-            tokens += int(state["mask"].sum())
-            _forward(model, batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    if tokens == 0:
-        raise InputError("the calibration batches hold no tokens; give some text.")
+    tokens = _run(model, batches, state, hooks)
     return Importance([h / tokens for h in heads], [f / tokens for f in neurons], channels / tokens, tokens)
 
 
@@ -227,18 +234,8 @@ def layer_importance(model, batches: list[dict]) -> list[float]:
 
     for i, block in enumerate(blocks):
         hooks.append(block.register_forward_hook(hook(i), with_kwargs=True))
-    was_training, tokens = model.training, 0
-    model.eval()
-    try:
-        for batch in batches:
-            state["mask"] = _token_mask(batch)
-            tokens += int(state["mask"].sum())
-            _forward(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [t / max(tokens, 1) for t in totals]
+    tokens = _run(model, batches, state, hooks)
+    return [t / tokens for t in totals]
 
 
 def choose_layers(importance: list[float], n: int) -> list[int]:

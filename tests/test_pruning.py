@@ -7,7 +7,7 @@ import csv
 
 import pytest
 import torch
-from conftest import build_tokenizer, make_bert, random_batch
+from conftest import build_tokenizer, forward_hooks, make_bert, random_batch
 from transformers import (
     AutoModelForSequenceClassification,
     BertForMaskedLM,
@@ -60,6 +60,10 @@ def test_bert_dead_mlp_neurons_pruned_exactly_give_the_same_outputs():
         block.output.dense.weight.data[:, cols] = 0  # these neurons reach nothing
     student, plan = prune_student(teacher, calibration(), intermediate_size=24)
     assert plan.neurons == [[i for i in range(32) if i not in cols] for cols in dead]
+    assert forward_hooks(teacher) == {}  # no hook left behind
+    teacher.train()
+    prune_student(teacher, calibration(), intermediate_size=24, layers=1)
+    assert teacher.training and forward_hooks(teacher) == {}  # measured in eval mode, its mode given back
     x = inputs()
     with torch.no_grad():
         assert close(student.eval()(**x).logits, teacher(**x).logits)
