@@ -245,8 +245,8 @@ class DistillationTrainer(Trainer):
         temperature, alpha = self._scheduled("temperature"), self._scheduled("alpha")
         head_terms = self.head_route.terms(heads, inputs, targets, counts, temperature, alpha) if heads else None
         total, components = self.loss_objective(inputs, targets, s_out, t_out, counts, temperature=temperature,
-                                           alpha=alpha, chunk=self.head_route.chunk, head_terms=head_terms,
-                                           captures=captures)
+                                                alpha=alpha, chunk=self.head_route.chunk, head_terms=head_terms,
+                                                captures=captures)
         step = self.state.global_step + 1
         if not nonfinite.check(total, components, (s_out, t_out), step, self.args, self.accelerator, self.skipped_steps):
             zero = nonfinite.zero_loss(model, self.args.device)  # nonfinite_loss="skip": this batch adds nothing
