@@ -75,7 +75,11 @@ def run_search(model_args, data_args, run_args, config, trials: int, search_spli
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.teacher_model_name_or_path))
     data_args = copy.copy(data_args)
     data_args.eval_split = search_split
-    data = load_data(task, data_args, tokenizer)
+    try:
+        data = load_data(task, data_args, tokenizer)
+    except SystemExit as err:
+        raise SystemExit(f"{err} (hf-kd search scores its trials on --search_split {search_split!r}: give a split the "
+                         "dataset has, other than the one the recipe reports on.)") from None
     teachers, _, _ = load_teachers(model_args, data_args, config, data, tokenizer)
     start, student_init = make_student(model_args, teachers[0], train=data.train, tokenizer=tokenizer)
     say(f"student: {student_init}; each trial distils a fresh copy of it")
