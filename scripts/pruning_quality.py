@@ -152,7 +152,7 @@ def at_init(config: str, overrides: list[str], quick: bool, sizes: dict, seeds: 
                             [torch.rand(f.shape, generator=g) for f in measured.neurons],
                             torch.rand(measured.channels.shape, generator=g), measured.tokens)
         random_scores.append(score(prune_width(shallow, batches, **width, importance=chance)[0]))
-    dropped_n = sizes.get("dropped_layers") or len(plan.layers)
+    dropped_n = sizes["dropped_layers"]
     dropped = student_from_teacher(teacher, uniform_layers(teacher.config.num_hidden_layers, dropped_n))
     return {"teacher": score(teacher), "pruned": score(pruned), "pruned_layers": plan.layers,
             "random_pruned": random_scores, "dropped": score(dropped), "dropped_layers": dropped_n,
@@ -176,7 +176,8 @@ def main() -> int:
     sizes = {"hidden_size": args.hidden_size, "num_attention_heads": args.num_attention_heads,
              "intermediate_size": args.intermediate_size, "layers": args.layers}
     if args.at_init:
-        found = at_init(args.config, args.overrides, args.quick, dict(sizes), seeds)
+        dropped = int(shapes(args.config, args.overrides, dict(sizes))["dropped"]["overrides"][1])
+        found = at_init(args.config, args.overrides, args.quick, {**sizes, "dropped_layers": dropped}, seeds)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "at_init.json").write_text(json.dumps({"sizes": sizes, "seeds": seeds, **found}, indent=1))
         chance = found["random_pruned"]
