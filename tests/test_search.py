@@ -96,6 +96,7 @@ def test_model_and_model_init_together_are_refused(tmp_path):
         DistillationTrainer(model=_student(), model_init=_student, teacher_model=make_bert(), args=_args(tmp_path))
 
 
+@pytest.mark.slow
 def test_hf_kd_search_writes_the_trials_table_and_the_best_settings(tmp_path):
     from hf_kd.cli import main
 
