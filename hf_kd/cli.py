@@ -6,7 +6,9 @@
   recipe; `--quick` applies its `quick:` block.
 - `hf-kd push --model DIR --repo_id NAME` publishes a saved student (see `hf_kd.hub`).
 - `hf-kd cache-teacher --config RECIPE --output_dir DIR` saves a teacher's outputs (`hf_kd.apps.cache_teacher`).
-- `hf-kd init-student --teacher DIR --layers 3 --output_dir DIR` makes a student folder (see `hf_kd.student`).
+- `hf-kd init-student --teacher DIR --layers 3 --output_dir DIR` makes a student folder (see `hf_kd.student`); with
+  `--prune width --hidden_size H ... --calibration DATA`, pruned by importance (`hf_kd.apps.prune`, `hf_kd.pruning`).
+- `hf-kd search --config RECIPE --trials N` searches the distillation settings (`hf_kd.apps.search`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .apps.arguments import PARSER_TYPES, DataArguments, ModelArguments, RunArgu
 from .apps.cache_teacher import run_cache_teacher
 from .apps.distill import run_distill
 from .apps.offline import resolve_model
+from .apps.prune import add_prune_arguments, check_prune_arguments, run_prune_student
+from .apps.search import run_search_command
 from .apps.recipes import DEFAULT_RECIPE, load_recipe, parse_distill_args, parse_recipe_args
 from .apps.validate import init_student_problems, repo_id_problem
 from .errors import InputError, NonFiniteLossError
@@ -105,13 +109,18 @@ def parse_init_student_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="Where to write the student.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Allow an output_dir that holds files.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the fresh weights (--student_config).")
+    add_prune_arguments(parser)
     args = parser.parse_args(argv)
-    if (args.layers is None) == (args.student_config is None):
-        parser.error("give --layers or --student_config (one of them).")
+    check_prune_arguments(parser, args)
+    if args.prune is None and (args.layers is None) == (args.student_config is None):
+        parser.error("give --layers or --student_config (one of them), or --prune.")
     return args
 
 
 def run_init_student(args: argparse.Namespace) -> None:
+    if args.prune is not None:
+        run_prune_student(args)
+        return
     problems = init_student_problems(args.teacher, args.output_dir, args.layers, args.student_config)
     if problems:
         raise SystemExit("hf-kd init-student: " + "\n  - ".join([""] * (len(problems) > 1) + problems).lstrip())
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "push": "publish a saved student to the Hugging Face Hub (hf-kd push --model DIR --repo_id NAME)",
         "cache-teacher": "run a recipe's teacher once and save its top-k logits for distill --teacher_cache DIR",
         "init-student": "write a student made from a teacher (hf-kd init-student --teacher DIR --layers 3 --output_dir DIR)",
+        "search": "search temperature, alpha and loss weights on a recipe (hf-kd search --config RECIPE --trials N)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: hf-kd COMMAND [options]\n\ncommands:")
@@ -173,6 +183,8 @@ def _run(command: str, rest: list[str]) -> None:
         run_push(parse_push_args(rest))
     elif command == "init-student":
         run_init_student(parse_init_student_args(rest))
+    elif command == "search":
+        run_search_command(rest)
 
 
 #: Packages whose own errors reach the user as a message at the command line's boundary.

@@ -209,6 +209,34 @@ def init_student(
     """
     if (layers is None) == (student_config is None):
         raise ValueError("give either layers (a number, e.g. 3, or a list such as [1,3,5]) or student_config.")
+    source, out = check_student_folders(teacher, output_dir, overwrite_output_dir)
+    # Parse before loading the teacher: a malformed value fails fast.
+    layers = parse_student_layers(layers) if layers is not None else None
+    student_config = parse_student_config(student_config) if student_config is not None else None
+
+    model, tokenizer = load_teacher_folder(source)
+    depth = model.config.get_text_config().num_hidden_layers
+    if layers is not None:
+        chosen = resolve_student_layers(layers, depth)
+        student = student_from_teacher(model, chosen)
+        summary = {"teacher": str(teacher), "layers": chosen}
+    else:
+        student = student_from_config(model, student_config)
+        summary = {"teacher": str(teacher), "student_config": student_config}
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    summary.update(
+        output_dir=str(out), tokenizer=tokenizer is not None, teacher_layers=depth,
+        parameters=sum(p.numel() for p in student.parameters()),
+        teacher_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return summary
+
+
+def check_student_folders(teacher: str, output_dir: str, overwrite_output_dir: bool = False) -> tuple[Path, Path]:
+    """(teacher folder, output folder), checked before anything is loaded or written."""
     source = Path(os.path.expanduser(teacher))
     if not source.is_dir():
         raise ValueError(f"the teacher folder {teacher!r} does not exist; give a folder saved with save_pretrained.")
@@ -223,33 +251,16 @@ def init_student(
         raise ValueError(
             f"output_dir {out} is not empty. Pick a new folder, or pass --overwrite_output_dir to write into it."
         )
-    # Parse before loading the teacher: a malformed value fails fast.
-    layers = parse_student_layers(layers) if layers is not None else None
-    student_config = parse_student_config(student_config) if student_config is not None else None
+    return source, out
 
+
+def load_teacher_folder(source: Path) -> tuple:
+    """(model of the class its config names, its tokenizer or None) from a saved teacher folder."""
     config = transformers.AutoConfig.from_pretrained(source)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     model = (cls or transformers.AutoModel).from_pretrained(source)
-    depth = model.config.get_text_config().num_hidden_layers
-    if layers is not None:
-        chosen = resolve_student_layers(layers, depth)
-        student = student_from_teacher(model, chosen)
-        summary = {"teacher": str(teacher), "layers": chosen}
-    else:
-        student = student_from_config(model, student_config)
-        summary = {"teacher": str(teacher), "student_config": student_config}
     tokenizer = None
     if any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    summary.update(
-        output_dir=str(out), tokenizer=tokenizer is not None, teacher_layers=depth,
-        parameters=sum(p.numel() for p in student.parameters()),
-        teacher_parameters=sum(p.numel() for p in model.parameters()),
-    )
-    return summary
+    return model, tokenizer

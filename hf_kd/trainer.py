@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 from transformers import Trainer
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import HubStrategy, number_of_arguments
 from transformers.utils.hub import PushInProgress
 
 from . import adapters, distributed, hub, prompts, relations, teacher_cache
@@ -25,10 +25,12 @@ from .distill import card, checks, generation_eval, nonfinite, publish, rollout
 from .distill.checkpoint import Checkpoints, check_finite_weights, write_signature
 from .distill.head_route import HeadRoute, logit_chunk_size
 from .distill.objective import Meter, Objective
+from .distill.plan import build_plan
 from .distill.projections import build_projections, load_projections, save_projections
 from .distill.record import RunRecord, length
 from .distill.targets import logit_targets, split_inputs, takes_use_cache, window_counts
 from .errors import InputError
+from .search import distillation_hp_space
 from .tasks import detect_task, token_mask, unwrap
 
 __all__ = ["DistillationTrainer"]
@@ -51,7 +53,7 @@ class DistillationTrainer(Trainer):
     The teacher is frozen, kept in eval mode, runs without autograd on the student's device, is never
     given to the optimizer and never saved. Each loss component, unweighted, is logged with `loss`.
     Public collaborators: ``plan`` (terms and layer pairs), ``teacher_set``, ``projections``, ``head_route``,
-    ``objective``, ``meter`` (the components summed since the last log), ``record`` (the run record).
+    ``loss_objective``, ``meter`` (the components summed since the last log), ``record`` (the run record).
     """
 
     #: What the trainer cannot know about the run (command, dataset, split, student initialisation...),
@@ -61,6 +63,9 @@ class DistillationTrainer(Trainer):
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, teacher_tokenizer=None,
                  **kwargs):
         checks.check_arguments(model, teacher_model, args, kwargs)
+        model_init = kwargs.pop("model_init", None)
+        if model_init is not None:  # the start-up checks run on a first student from model_init
+            model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
         checks.check_launch(args.world_size)  # everything is checked before Trainer.__init__ creates output_dir
         sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
         failure = None
@@ -74,18 +79,13 @@ class DistillationTrainer(Trainer):
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         checks.fail_together(failure, args.world_size)
-        student = unwrap(model)
-        self.projections = build_projections(student, self.teacher_set.hidden_size(), self.plan.n_hidden_pairs, args.seed)
-        self.record = RunRecord(args, self.task, self.plan, self.teacher_set, len(self.projections))
-        self.meter, self.skipped_steps = Meter(), []  # skipped: (step, components) dropped by nonfinite_loss="skip"
-        self._window_counts: dict[str, torch.Tensor] | None = None
-        self._projections_in_optimizer = self._evaluating_teacher = False
-        self._evaluations: dict[str, tuple[int, str, dict]] = {}
+        self._build_run(unwrap(model), args)
+        self._evaluating_teacher = False
         self._latency = card.Latency()  # measured once per step for the card
-        self._use_cache_arg: bool | None = None
         self.checkpoints = Checkpoints(args, len(self.projections) > 0, lambda: self.accelerator.wait_for_everyone())
+        self._first_student = model if model_init is not None else None  # what Trainer's own model_init call returns
 
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=None if model_init is not None else model, model_init=model_init, args=args, **kwargs)
 
         # Our losses are sums divided by counts over the whole accumulation window (and all
         # processes), so Trainer must not divide them again by the accumulation steps.
@@ -93,13 +93,59 @@ class DistillationTrainer(Trainer):
         if self.teacher is None:
             self.data_collator = teacher_cache.CacheCollator(self.data_collator)
         else:
-            dtype = self.teacher_set.dtype(self.args, self.backend, self.accelerator, student)
+            dtype = self.teacher_set.dtype(self.args, self.backend, self.accelerator, unwrap(model))
             self.teacher_set.place(self.backend, self.accelerator, self.args, dtype)
+        self._build_loss(unwrap(model))
+
+    def _build_run(self, student, args: DistillationConfig) -> None:
+        """What follows the student and the settings: the width projections (seeded: fresh), the record, the meter."""
+        self.projections = build_projections(student, self.teacher_set.hidden_size(), self.plan.n_hidden_pairs, args.seed)
+        self.record = RunRecord(args, self.task, self.plan, self.teacher_set, len(self.projections))
+        self.meter, self.skipped_steps = Meter(), []  # skipped: (step, components) dropped by nonfinite_loss="skip"
+        self._window_counts: dict[str, torch.Tensor] | None = None
+        self._projections_in_optimizer = False
+        self._evaluations: dict[str, tuple[int, str, dict]] = {}
+        self._use_cache_arg: bool | None = None
+
+    def _build_loss(self, student) -> None:
+        """The loss objective and the route through the output layers, on the device (after Trainer's set-up)."""
         self.projections.to(self.args.device)
-        self.objective = Objective(self.args, self.task, self.plan, self.projections, cached=self.teacher is None)
+        # Not `self.objective`: Trainer's hyperparameter search keeps its metric under that name.
+        self.loss_objective = Objective(self.args, self.task, self.plan, self.projections, cached=self.teacher is None)
         runner = self.teacher_set.runners[0] if self.teacher_set.runners else None
         self.head_route = HeadRoute(self.args, self.task, self.teacher, runner, len(self.teachers),
                                     logit_chunk_size(self.args, self.task, student.config, self.args.device))
+
+    # ------------------------------------------------------------------ model_init and hyperparameter_search
+    def call_model_init(self, trial=None):
+        """A fresh student from ``model_init`` (prepared as ``model`` would be); the first call returns the student
+        the start-up checks ran on."""
+        first, self._first_student = self._first_student, None
+        if first is not None:
+            return first
+        return checks.prepare_student(super().call_model_init(trial), self.args, self.task)
+
+    def _hp_search_setup(self, trial) -> None:
+        """After Trainer sets a trial's settings on ``args``: with ``model_init``, ``train`` made a new student, so the
+        loss plan, fresh projections, the record and the objective are built again for it and for these settings."""
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        if self.teacher is None:
+            raise InputError("model_init / hyperparameter_search needs a live teacher (the loss plan is rebuilt for "
+                             "each student); a teacher_cache holds one plan's outputs. Pass teacher_model.")
+        student = self._student()
+        self.plan = build_plan(student, unwrap(self.teacher), self.args, self.task)
+        self._build_run(student, self.args)
+        self._build_loss(student)
+
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
+                              backend=None, hp_name=None, **kwargs):
+        """Trainer's search, by default over the distillation settings (`hf_kd.search.distillation_hp_space`:
+        temperature, alpha and the weights of the terms in use) rather than Trainer's learning rate and epochs.
+        Needs ``model_init`` (a fresh student per trial) and optuna (``pip install hf_kd[search]``)."""
+        space = hp_space or distillation_hp_space(self.args)
+        return super().hyperparameter_search(space, compute_objective, n_trials, direction, backend, hp_name, **kwargs)
 
     @property
     def teacher(self):
@@ -219,9 +265,9 @@ class DistillationTrainer(Trainer):
         targets = logit_targets(self.task, inputs, s_out, t_out)
         temperature, alpha = self._scheduled("temperature"), self._scheduled("alpha")
         head_terms = self.head_route.terms(heads, inputs, targets, counts, temperature, alpha) if heads else None
-        total, components = self.objective(inputs, targets, s_out, t_out, counts, temperature=temperature,
-                                           alpha=alpha, chunk=self.head_route.chunk, head_terms=head_terms,
-                                           captures=captures)
+        total, components = self.loss_objective(inputs, targets, s_out, t_out, counts, temperature=temperature,
+                                                alpha=alpha, chunk=self.head_route.chunk, head_terms=head_terms,
+                                                captures=captures)
         step = self.state.global_step + 1
         if not nonfinite.check(total, components, (s_out, t_out), step, self.args, self.accelerator, self.skipped_steps):
             zero = nonfinite.zero_loss(model, self.args.device)  # nonfinite_loss="skip": this batch adds nothing

@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_kd"
 APPS = ("hf_kd.apps", "hf_kd.cli")
 # Packages that a function may import on first use: not installed by default, or only on some machines.
-OPTIONAL = ("matplotlib", "deepspeed", "torch.distributed", "huggingface_hub", "trl", "gguf", "tensorboard")
+OPTIONAL = ("matplotlib", "deepspeed", "torch.distributed", "huggingface_hub", "trl", "gguf", "tensorboard", "optuna")
 # Resolving a Hub id must stay light (tests/test_offline.py pins that it imports neither torch nor datasets):
 # transformers is imported only when a GGUF stand-in is built.
 LIGHT = {"hf_kd.apps.offline": ("transformers",)}

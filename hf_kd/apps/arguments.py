@@ -13,6 +13,7 @@ import yaml
 from ..config import DistillationConfig
 from ..student import parse_student_config, parse_student_layers
 from ..tasks import TASKS
+from .prune import parse_student_prune
 
 
 @dataclass
@@ -42,6 +43,14 @@ class ModelArguments:
             "num_hidden_layers: 3}."
         },
     )
+    student_prune: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of student_layers / student_config: prune the (fine-tuned) teacher by importance measured "
+            "on the run's training rows, a mapping such as {hidden_size: 192, num_attention_heads: 6, "
+            "intermediate_size: 768, layers: 3, calibration_samples: 256} (docs/pruning.md)."
+        },
+    )
     teacher_finetune_epochs: float = field(
         default=0.0,
         metadata={
@@ -63,16 +72,21 @@ class ModelArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}.")
-        for name in ("student_layers", "student_config"):  # `--student_layers null` unsets a recipe's value
+        for name in ("student_layers", "student_config", "student_prune"):  # `--student_layers null` unsets a recipe's value
             if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("", "null", "none"):
                 setattr(self, name, None)
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give student_layers (teacher layers and weights) or student_config (fresh weights), "
                              "not both.")
+        if self.student_prune is not None and (self.student_layers is not None or self.student_config is not None):
+            raise ValueError("give student_prune (the teacher pruned by importance) alone, without student_layers or "
+                             "student_config.")
         if self.student_layers is not None:
             parse_student_layers(self.student_layers)
         if self.student_config is not None:
             parse_student_config(self.student_config)
+        if self.student_prune is not None:
+            parse_student_prune(self.student_prune)
         self.teacher_seeds = parse_seeds(self.teacher_seed)
         self.teacher_seed = self.teacher_seeds[0]  # the (first) teacher's seed, an int
 

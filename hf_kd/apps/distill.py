@@ -56,7 +56,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     say(f"data: {len(data.train)} training rows{extra}, {len(held_out) if held_out else 0} held-out rows{labels}")
 
     teachers, prepared, seeds = load_teachers(model_args, data_args, config, data, tokenizer)
-    student, student_init = make_student(model_args, teachers[0])
+    student, student_init = make_student(model_args, teachers[0], train=data.train, tokenizer=tokenizer)
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
     # prompt-completion rows (docs/generation.md): the trainer's own PromptCollator; the baseline trains on the

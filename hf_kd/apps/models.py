@@ -13,6 +13,7 @@ from ..tasks import TASKS, auto_class, tasks_of_class
 from ..teachers import load_teacher
 from .common import say
 from .offline import resolve_model
+from .prune import pruned_student
 from .teacher import prepare_teacher
 
 
@@ -82,8 +83,9 @@ def load_teachers(model_args, data_args, config, data, tokenizer) -> tuple[list,
     return teachers, prepared, seeds
 
 
-def make_student(model_args, teacher) -> tuple:
-    """(student, how it was made): the given one, teacher layers with their weights, or a fresh config."""
+def make_student(model_args, teacher, train=None, tokenizer=None) -> tuple:
+    """(student, how it was made): the given one, teacher layers with their weights, the teacher pruned by importance
+    measured on the training rows `train` (student_prune), or a fresh config."""
     if model_args.student_model_name_or_path:
         cls = auto_class(model_args.task)
         return cls.from_pretrained(resolve_model(model_args.student_model_name_or_path)), model_args.student_model_name_or_path
@@ -95,6 +97,9 @@ def make_student(model_args, teacher) -> tuple:
         if model_args.student_config:
             changes = parse_student_config(model_args.student_config)
             return student_from_config(teacher, changes), f"fresh weights, the teacher's config with {json.dumps(changes)}"
+        if model_args.student_prune:
+            return pruned_student(model_args.student_prune, teacher, train, tokenizer)
     except ValueError as err:
         raise SystemExit(f"hf-kd: {err}") from None
-    raise SystemExit("hf-kd: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3) or student_config.")
+    raise SystemExit("hf-kd: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3), student_config or "
+                     "student_prune.")

@@ -63,19 +63,22 @@ SCAN_ROWS = 10_000
 
 
 def check_arguments(model, teacher_model, args, kwargs: dict) -> None:
-    """What DistillationTrainer must be given: a DistillationConfig, a student, and a teacher or a teacher cache."""
+    """What DistillationTrainer must be given: a DistillationConfig, a student (or model_init), and a teacher or a
+    teacher cache."""
     if not isinstance(args, DistillationConfig):
         raise TypeError(
             "DistillationTrainer needs args=DistillationConfig(...) (a TrainingArguments subclass with the "
             f"distillation settings), got {type(args).__name__}."
         )
-    if model is None or (teacher_model is None) == (args.teacher_cache is None):
+    model_init = kwargs.get("model_init")
+    if model is not None and model_init is not None:
+        raise ValueError("DistillationTrainer takes model (the student) or model_init (a function that builds one, "
+                         "e.g. for hyperparameter_search), not both.")
+    if (model is None and model_init is None) or (teacher_model is None) == (args.teacher_cache is None):
         raise ValueError(
-            "DistillationTrainer needs model (the student) and either teacher_model or args.teacher_cache "
-            "(with teacher_cache, pass teacher_model=None: the cache replaces the teacher)."
+            "DistillationTrainer needs model (the student) or model_init, and either teacher_model or "
+            "args.teacher_cache (with teacher_cache, pass teacher_model=None: the cache replaces the teacher)."
         )
-    if kwargs.get("model_init") is not None:
-        raise ValueError("model_init is not supported by DistillationTrainer: pass the student as model.")
 
 
 def check_launch(world_size: int) -> None:
