@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from ..errors import InputError
 from ..tasks import TOKEN_TASKS
+from .cross_tokenizer import CrossTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def plan_vocab(student, teacher, args, task: str, student_tokenizer, teacher_tok
     """
     s_tok, t_tok = text_tokenizer(student_tokenizer), text_tokenizer(teacher_tokenizer)
     if args.teacher_tokenizer is not None:
-        from .cross_tokenizer import CrossTokenizer  # the only user of the alignment machinery
-
         t_tok = t_tok if t_tok is not None else load_teacher_tokenizer(args.teacher_tokenizer)
         return VocabPlan(cross=CrossTokenizer.start(student, teacher, args, task, s_tok, t_tok))
     difference = vocabulary_difference(s_tok, t_tok)
