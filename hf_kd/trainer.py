@@ -267,7 +267,7 @@ class DistillationTrainer(Trainer):
         `evaluate`'s dict with keys ``teacher_eval_*``, logged like the student's."""
         if self.teacher_set.reads_student_batches is None:
             raise InputError(
-                f"the teacher cannot be evaluated on the student's batches: this trainer reads its targets from "
+                f"there is no teacher to evaluate on the student's batches: this trainer reads its targets from "
                 f"teacher_cache={self.args.teacher_cache} or the teacher has its own tokenizer (teacher_tokenizer="
                 f"{self.args.teacher_tokenizer}). Evaluate the teacher on its own data with transformers.Trainer."
             )

@@ -135,5 +135,5 @@ def test_refusals_across_tokenizers(tmp_path, toks):
     ids = torch.tensor([[bpe.convert_tokens_to_ids(t) for t in ("t", "h", "e")]])  # BPE merges these: not lossless
     with pytest.raises(InputError, match=r"do not survive decoding"):
         trainer.teacher_set.vocab.teacher_inputs({"input_ids": ids})
-    with pytest.raises(InputError, match=r"cannot be evaluated on the student's batches"):
+    with pytest.raises(InputError, match=r"no teacher to evaluate on the student.s batches"):
         trainer.evaluate_teacher()
