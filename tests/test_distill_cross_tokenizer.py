@@ -137,3 +137,22 @@ def test_refusals_across_tokenizers(tmp_path, toks):
         trainer.teacher_set.vocab.teacher_inputs({"input_ids": ids})
     with pytest.raises(InputError, match=r"no teacher to evaluate on the student.s batches"):
         trainer.evaluate_teacher()
+
+
+def test_left_padding_never_predicts_a_span(tmp_path, toks):
+    """A teacher tokenizer that pads on the left: the position before a row's first token is padding, not a prediction."""
+    bpe, wp = toks
+    wp_left = wordpiece()
+    wp_left.padding_side = "left"
+    student, teacher = make_llama(layers=1, vocab=len(bpe)), make_llama(layers=1, vocab=len(wp))
+    rows = {}
+    for name, tok in (("right", wp), ("left", wp_left)):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=tok,
+                                      args=make_args(tmp_path, teacher_tokenizer="wp"))
+        cross = trainer.teacher_set.vocab.cross
+        batch = _lm_batch(bpe, SENTENCES[:3])
+        t_in = cross.teacher_inputs({k: batch[k] for k in ("input_ids", "attention_mask")})
+        b, ps, pt = cross.span_rows()
+        assert t_in["attention_mask"][b, pt].all() and batch["attention_mask"][b, ps].all()
+        rows[name] = len(b)
+    assert rows["left"] == rows["right"] > 0

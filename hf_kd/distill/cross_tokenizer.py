@@ -92,6 +92,7 @@ class CrossTokenizer:
         self.s_classes, self.t_classes, self.max_length = student_classes, teacher_classes, max_length
         self.s_special = set(student_tokenizer.all_special_ids)
         self.rows: list[Row] = []  # the last batch's alignment (set by teacher_inputs, read by terms)
+        self.masks: tuple = (None, None)  # the last batch's (student, teacher) attention masks
         if task == "causal_lm":
             sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
             pairs = sorted((sv[k], tv[k]) for k in sv.keys() & tv.keys() if sv[k] < student_classes and tv[k] < teacher_classes)
@@ -162,6 +163,7 @@ class CrossTokenizer:
         mask = model_inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         self.rows = [self.student_row(ids[b], mask[b]) for b in range(ids.shape[0])]
+        self.masks = (mask.bool().cpu(), None)
         first = [r.texts[0] if r.texts else "" for r in self.rows]
         second = [r.texts[1] for r in self.rows if len(r.texts) > 1]
         pairs = second if len(second) == len(first) and second else None
@@ -171,6 +173,7 @@ class CrossTokenizer:
             seq = enc.sequence_ids(b)
             row.t_positions = [[j for j, s in enumerate(seq) if s == k] for k in range(len(row.texts))]
             row.t_offsets = [[tuple(enc["offset_mapping"][b, j].tolist()) for j in pos] for pos in row.t_positions]
+        self.masks = (self.masks[0], enc["attention_mask"].bool())
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc and k in self.teacher_keys]
         return {k: enc[k].to(ids.device) for k in keys}
 
@@ -191,15 +194,16 @@ class CrossTokenizer:
 
     def span_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Causal LM: (example, student position, teacher position) of each span's prediction, (N,) each: the
-        positions just before the span's first token in each tokenization (spans without one are left out)."""
-        found = []
+        positions just before the span's first token in each tokenization (spans without one, or where it is padding
+        on the left, are left out)."""
+        found, (s_mask, t_mask) = [], self.masks
         for b, row in enumerate(self.rows):
             if not row.texts:
                 continue
             s_pos, t_pos = row.s_positions[0], row.t_positions[0]
             for s_span, t_span in spans(row.s_offsets[0], row.t_offsets[0]):
                 ps, pt = s_pos[s_span[0]], t_pos[t_span[0]]
-                if ps > 0 and pt > 0:
+                if ps > 0 and pt > 0 and s_mask[b, ps - 1] and t_mask[b, pt - 1]:
                     found.append((b, ps - 1, pt - 1))
         return tuple(torch.tensor([f[k] for f in found], dtype=torch.long) for k in range(3))
 
