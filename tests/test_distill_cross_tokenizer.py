@@ -156,3 +156,35 @@ def test_left_padding_never_predicts_a_span(tmp_path, toks):
         assert t_in["attention_mask"][b, pt].all() and batch["attention_mask"][b, ps].all()
         rows[name] = len(b)
     assert rows["left"] == rows["right"] > 0
+
+
+def test_token_classification_with_identical_tokenizers_equals_the_plain_loss(tmp_path, toks):
+    wp = toks[1]
+    enc = wp(SENTENCES[:4], padding=True, return_tensors="pt", return_special_tokens_mask=True)
+    special = enc.pop("special_tokens_mask").bool()
+    labels = torch.randint(0, 2, enc["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    batch = {**enc, "labels": labels.masked_fill(special | (enc["attention_mask"] == 0), -100)}
+    student = make_bert(BertForTokenClassification, layers=1, vocab=len(wp))
+    teacher = make_bert(BertForTokenClassification, layers=2, vocab=len(wp), seed=4)
+    losses = []
+    for cross in (None, "same"):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=wp, teacher_tokenizer=wp,
+                                      args=make_args(tmp_path, teacher_tokenizer=cross, alpha=0.7))
+        student.train()
+        losses.append(trainer.compute_loss(student, dict(batch)))
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_question_answering_across_tokenizers_gives_a_finite_loss_and_gradients(tmp_path, toks):
+    bpe, wp = toks
+    enc = bpe(["Which film?"] * 2, ["The film was great, really great!", "A lovely movie."], padding=True,
+              return_tensors="pt")
+    batch = {**enc, "start_positions": torch.tensor([3, 4]), "end_positions": torch.tensor([4, 5])}
+    student = make_bert(BertForQuestionAnswering, layers=1, vocab=len(bpe))
+    teacher = make_bert(BertForQuestionAnswering, layers=1, vocab=len(wp))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                  args=make_args(tmp_path, teacher_tokenizer="wp"))
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
