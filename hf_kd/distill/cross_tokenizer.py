@@ -19,6 +19,7 @@ Alignment is by character offsets into that text (fast tokenizers' ``offset_mapp
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -117,6 +118,9 @@ class CrossTokenizer:
                             "cross_tokenizer_loss (uld or hybrid). Leave kd_loss at forward_kl.")
         if problems:
             raise InputError("Cannot distil across tokenizers:\n  - " + "\n  - ".join(problems))
+        if teacher_tokenizer.pad_token is None:  # batches of the teacher's texts are padded (and masked): a copy pads
+            teacher_tokenizer = copy.deepcopy(teacher_tokenizer)  # with its end token, the user's is left as it is
+            teacher_tokenizer.pad_token = teacher_tokenizer.eos_token or teacher_tokenizer.unk_token
         keys = set(inspect.signature(teacher.forward).parameters)
         s_classes = t_classes = None
         if task == "causal_lm":  # each model's real vocabulary: padded rows are left out
