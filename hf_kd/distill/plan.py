@@ -86,6 +86,8 @@ class LossPlan:
         if a.uses_relations:
             out.update(relation_weight=a.relation_weight, relation_loss=a.relation_loss,
                        relation_pooling=a.relation_pooling)
+        if a.teacher_tokenizer is not None:  # the teacher read its own tokens (hf_kd.distill.cross_tokenizer)
+            out.update(teacher_tokenizer=a.teacher_tokenizer, cross_tokenizer_loss=a.cross_tokenizer_loss)
         for name in ("temperature", "alpha"):
             if getattr(a, f"{name}_schedule") != "constant":
                 out.update({f"{name}_{key}": getattr(a, f"{name}_{key}") for key in ("schedule", "end")})
