@@ -189,7 +189,7 @@ def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder
 
     size = SIZES["quick" if quick else "full"]
     labelled, unlabelled, test = _data(size)
-    texts = labelled["text"] + unlabelled["text"]
+    texts = list(labelled["text"]) + list(unlabelled["text"])
     tok = _bpe_tokenizer(texts, 2048 if quick else 8192)
     rows = [{"input_ids": [tok.bos_token_id] + tok(t, truncation=True, max_length=size["max_length"] - 1)["input_ids"]}
             for t in texts]
@@ -211,7 +211,7 @@ def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder
             trainer = DistillationTrainer(model=model, teacher_model=teacher_folder, args=args, train_dataset=rows,
                                           data_collator=collator, processing_class=tok)
         trainer.train()
-        run[arm] = _bits_per_character(model, tok, test["text"], size["max_length"])
+        run[arm] = _bits_per_character(model, tok, list(test["text"]), size["max_length"])
     print(f"[cross-tokenizer quality] causal-lm seed {seed}: {run}", flush=True)
     return run
 
