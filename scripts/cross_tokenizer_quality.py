@@ -55,9 +55,10 @@ def _data(size: dict):
 
 
 def _args(cls, out: Path, seed: int, steps: int, **kw):
-    return cls(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-4,
-               warmup_steps=0.06, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True, logging_steps=10,
-               use_cpu=not _cuda(), **kw)
+    settings = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-4,
+                    warmup_steps=0.06, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True, logging_steps=10,
+                    use_cpu=not _cuda())
+    return cls(**{**settings, **kw})
 
 
 def _cuda() -> bool:
