@@ -130,54 +130,56 @@ class CrossTokenizer:
         return cls(args, task, student_tokenizer, teacher_tokenizer, keys, s_classes, t_classes, limit)
 
     # ------------------------------------------------------------------ the teacher's inputs
-    def student_row(self, ids, mask) -> Row:
-        """The texts of one student example and the offsets of its tokens, checked to decode losslessly."""
-        runs, run = [], []
-        for p, (i, m) in enumerate(zip(ids.tolist(), mask.tolist())):
-            if m and i not in self.s_special:
-                run.append((p, i))
-            elif run:
-                runs.append(run)
-                run = []
-        if run:
-            runs.append(run)
-        if len(runs) > 2:
-            raise InputError(f"an example has {len(runs)} runs of text between special tokens; a teacher with its "
-                             "own tokenizer reads one text or a pair. Tokenize each example as one text or a pair.")
-        row = Row([], [], [])
-        for run in runs:
-            content = [i for _, i in run]
-            text = self.s_tok.decode(content, clean_up_tokenization_spaces=False)
-            enc = self.s_tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            if enc["input_ids"] != content:
+    def student_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> list[Row]:
+        """The texts of each student example (runs between special tokens) and the offsets of their tokens, checked to
+        decode losslessly; every run of the batch is re-tokenized in one call."""
+        rows, runs = [], []  # runs: (row, positions, ids)
+        for b, (row_ids, row_mask) in enumerate(zip(ids.tolist(), mask.tolist())):
+            found, run = [], []
+            for p, (i, m) in enumerate(zip(row_ids, row_mask)):
+                if m and i not in self.s_special:
+                    run.append((p, i))
+                elif run:
+                    found, run = found + [run], []
+            found += [run] if run else []
+            if len(found) > 2:
+                raise InputError(f"an example has {len(found)} runs of text between special tokens; a teacher with its "
+                                 "own tokenizer reads one text or a pair. Tokenize each example as one text or a pair.")
+            rows.append(Row([], [], []))
+            runs += [(b, [p for p, _ in r], [i for _, i in r]) for r in found]
+        texts = self.s_tok.batch_decode([content for _, _, content in runs], clean_up_tokenization_spaces=False)
+        encs = self.s_tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+        for k, ((b, positions, content), text) in enumerate(zip(runs, texts)):
+            if encs["input_ids"][k] != content:
                 raise InputError(
                     f"the student's tokens do not survive decoding: {text[:60]!r} tokenizes back to other ids with "
                     f"{getattr(self.s_tok, 'name_or_path', 'the student tokenizer')!r}, so the teacher cannot be given "
                     "the same text. Use a student tokenizer that decodes losslessly (byte-level BPE does), or "
                     "tokenize the data without normalisation."
                 )
-            row.texts.append(text)
-            row.s_positions.append([p for p, _ in run])
-            row.s_offsets.append([tuple(o) for o in enc["offset_mapping"]])
-        return row
+            rows[b].texts.append(text)
+            rows[b].s_positions.append(positions)
+            rows[b].s_offsets.append([tuple(o) for o in encs["offset_mapping"][k]])
+        return rows
 
     def teacher_inputs(self, model_inputs: dict) -> dict:
         """The teacher's tokenization of the batch's text (on the batch's device); remembers the alignment."""
         ids = model_inputs["input_ids"]
         mask = model_inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        self.rows = [self.student_row(ids[b], mask[b]) for b in range(ids.shape[0])]
-        self.masks = (mask.bool().cpu(), None)
+        self.rows = self.student_rows(ids, mask)
+        self.masks = (mask.bool().tolist(), None)
         first = [r.texts[0] if r.texts else "" for r in self.rows]
         second = [r.texts[1] for r in self.rows if len(r.texts) > 1]
         pairs = second if len(second) == len(first) and second else None
         enc = self.t_tok(first, pairs, padding=True, truncation=True, max_length=self.max_length,
                          return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        offsets = enc["offset_mapping"].tolist()  # (B, T, 2) as lists: read per token below
         for b, row in enumerate(self.rows):
             seq = enc.sequence_ids(b)
             row.t_positions = [[j for j, s in enumerate(seq) if s == k] for k in range(len(row.texts))]
-            row.t_offsets = [[tuple(enc["offset_mapping"][b, j].tolist()) for j in pos] for pos in row.t_positions]
-        self.masks = (self.masks[0], enc["attention_mask"].bool())
+            row.t_offsets = [[tuple(offsets[b][j]) for j in pos] for pos in row.t_positions]
+        self.masks = (self.masks[0], enc["attention_mask"].bool().tolist())
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc and k in self.teacher_keys]
         return {k: enc[k].to(ids.device) for k in keys}
 
@@ -207,7 +209,7 @@ class CrossTokenizer:
             s_pos, t_pos = row.s_positions[0], row.t_positions[0]
             for s_span, t_span in spans(row.s_offsets[0], row.t_offsets[0]):
                 ps, pt = s_pos[s_span[0]], t_pos[t_span[0]]
-                if ps > 0 and pt > 0 and s_mask[b, ps - 1] and t_mask[b, pt - 1]:
+                if ps > 0 and pt > 0 and s_mask[b][ps - 1] and t_mask[b][pt - 1]:
                     found.append((b, ps - 1, pt - 1))
         return tuple(torch.tensor([f[k] for f in found], dtype=torch.long) for k in range(3))
 
