@@ -149,6 +149,7 @@ def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_f
                                           processing_class=tok, data_collator=DataCollatorWithPadding(tok))
         trainer.train()
         run[arm] = _accuracy(model, tok, test, size["max_length"])
+        print(f"[cross-tokenizer quality] classification seed {seed} {arm}: accuracy {run[arm]:.4f}", flush=True)
     print(f"[cross-tokenizer quality] classification seed {seed}: {run}", flush=True)
     return run
 
@@ -215,6 +216,7 @@ def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder
                                           data_collator=collator, processing_class=tok)
         trainer.train()
         run[arm] = _bits_per_character(model, tok, list(test["text"]), size["max_length"])
+        print(f"[cross-tokenizer quality] causal-lm seed {seed} {arm}: {run[arm]:.4f} bits per character", flush=True)
     print(f"[cross-tokenizer quality] causal-lm seed {seed}: {run}", flush=True)
     return run
 
