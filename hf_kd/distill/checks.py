@@ -204,7 +204,8 @@ def start(student, sources: list, args: DistillationConfig, task: str, teacher_t
         plan = build_plan(student, unwrap(teacher), args, task)
         check_placement(student, unwrap(teacher))
         folder = teacher_folder(source)
-        tokenizer = teacher_tokenizer if teacher_tokenizer is not None or not folder else load_tokenizer(folder)
+        named = args.teacher_tokenizer is not None  # the tokenizer object given > teacher_tokenizer's name > the folder's
+        tokenizer = teacher_tokenizer if teacher_tokenizer is not None or not folder or named else load_tokenizer(folder)
         vocab_plan = vocab.plan_vocab(student, unwrap(teacher), args, task, processing_class, tokenizer)
         if vocab_plan.cross is None:  # every teacher reads the student's ids: the fewest rows bound them
             rows = [r for r in (vocab.embedding_rows(unwrap(t)) for t in loaded) if r is not None]
