@@ -227,12 +227,16 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps (a CPU smoke run)")
     parser.add_argument("--student_layers", type=int, default=None,
                         help="classification: SmolLM2 layers kept (default 4; quick 2); causal-lm: student layers (2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every arm (default: the size's)")
     parser.add_argument("--output_dir", default="runs/cross_tokenizer_quality")
     add_seed_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.output_dir) / args.pair
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES["quick" if args.quick else "full"]
+    if args.steps:
+        for name in SIZES:
+            SIZES[name]["steps"] = args.steps  # seeds read SIZES again (in this process)
     if args.pair == "classification":
         labelled, _, test = _data(size)
         teacher_folder, teacher_accuracy = _teacher(out, labelled, test, size)
