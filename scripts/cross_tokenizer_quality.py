@@ -123,13 +123,13 @@ def _smol_student(layers: int, seed: int):
     return model, tok
 
 
-def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str) -> dict:
+def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str, steps=None) -> dict:
     import datasets
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from hf_kd import DistillationConfig, DistillationTrainer
 
-    size = SIZES["quick" if quick else "full"]
+    size = {**SIZES["quick" if quick else "full"], **({"steps": steps} if steps else {})}
     labelled, unlabelled, test = _data(size)
     run = {"seed": seed}
     for arm in ("baseline", "distilled"):
@@ -184,14 +184,14 @@ def _bits_per_character(model, tok, texts, max_length: int) -> float:
     return nll / chars / math.log(2)
 
 
-def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str) -> dict:
+def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str, steps=None) -> dict:
     import torch
     from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_kd import DistillationConfig, DistillationTrainer
     from hf_kd.apps.offline import resolve_model
 
-    size = SIZES["quick" if quick else "full"]
+    size = {**SIZES["quick" if quick else "full"], **({"steps": steps} if steps else {})}
     labelled, unlabelled, test = _data(size)
     texts = list(labelled["text"]) + list(unlabelled["text"])
     tok = _bpe_tokenizer(texts, 2048 if quick else 8192)
@@ -234,9 +234,6 @@ def main(argv=None) -> None:
     out = Path(args.output_dir) / args.pair
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES["quick" if args.quick else "full"]
-    if args.steps:
-        for name in SIZES:
-            SIZES[name]["steps"] = args.steps  # seeds read SIZES again (in this process)
     if args.pair == "classification":
         labelled, _, test = _data(size)
         teacher_folder, teacher_accuracy = _teacher(out, labelled, test, size)
@@ -249,10 +246,11 @@ def main(argv=None) -> None:
         layers = args.student_layers or 2
         job, arms, base, higher = causal_lm_seed, ("ce_only", "uld", "hybrid"), "ce_only", False
     seeds, seeds_note = seeds_of(args)
-    runs = run_seeds(functools.partial(job, out=str(out), quick=args.quick, layers=layers, teacher_folder=teacher_folder),
+    runs = run_seeds(functools.partial(job, out=str(out), quick=args.quick, layers=layers, teacher_folder=teacher_folder,
+                                       steps=args.steps),
                      seeds, args.workers)
     table = summarize({arm: [r[arm] for r in runs] for arm in arms}, base, teacher_accuracy, higher_is_better=higher)
-    result = {"pair": args.pair, "quick": args.quick, "sizes": size, "student_layers": layers, "seeds": seeds, "seeds_note": seeds_note,
+    result = {"pair": args.pair, "quick": args.quick, "sizes": {**size, "steps": args.steps or size["steps"]}, "student_layers": layers, "seeds": seeds, "seeds_note": seeds_note,
               "teacher_accuracy": teacher_accuracy, "runs": runs, "table": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(("teacher accuracy: %.4f\n" % teacher_accuracy if teacher_accuracy is not None else "") + table)
