@@ -34,6 +34,8 @@ ATTENTION_CHOICES = (*ATTENTION_LOSSES, "minilm")
 LAYER_MAP_NAMES = ("uniform", "last")
 NONFINITE_ACTIONS = ("stop", "skip")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: cross_tokenizer_loss values (causal LM across tokenizers, see hf_kd.cross_losses).
+CROSS_TOKENIZER_LOSSES = ("uld", "hybrid")
 
 
 #: Generation of completions when generation_config is not set: the student's own distribution, sampled.
@@ -335,6 +337,41 @@ class DistillationConfig(TrainingArguments):
                   "completions, length, EOS rate, distinct-2); see docs/generation.md."},
     )
 
+    # ---- across tokenizers (hf_kd.distill.vocab, hf_kd.distill.cross_tokenizer, docs/cross-tokenizer.md)
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder or Hub name of the teacher's tokenizer when it is not the student's: the teacher reads its "
+            "own tokenization of each batch's text (decoded from the student's ids) and the losses are aligned by "
+            "character offsets. Unset: both models read the same input_ids (one tokenizer padded to two sizes is cut "
+            "to the shared vocabulary automatically)."
+        },
+    )
+    cross_tokenizer_loss: str = field(
+        default="hybrid",
+        metadata={
+            "help": "Causal LM with teacher_tokenizer: uld = distance between the sorted probability vectors "
+            "(Boizard et al. 2024); hybrid = KL on the tokens whose strings both vocabularies hold, uld on the rest "
+            "(as TRL's GOLD).",
+            "choices": list(CROSS_TOKENIZER_LOSSES),
+        },
+    )
+
+    def _cross_tokenizer_problems(self) -> list[str]:
+        problems = _unknown("cross_tokenizer_loss", self.cross_tokenizer_loss, CROSS_TOKENIZER_LOSSES)
+        if self.teacher_tokenizer is None:
+            return problems
+        if not isinstance(self.teacher_tokenizer, str) or not self.teacher_tokenizer.strip():
+            problems.append(f"teacher_tokenizer={self.teacher_tokenizer!r} must be a folder or Hub name.")
+        if self.teacher_cache:
+            problems.append("teacher_tokenizer and teacher_cache cannot go together: a cache holds the teacher's "
+                            "outputs on the student's tokens. Unset one of them.")
+        weights = [n for n in ("hidden_weight", "attention_weight", "relation_weight") if getattr(self, n) > 0]
+        if weights:
+            problems.append(f"{', '.join(weights)} > 0 with teacher_tokenizer: hidden states, attention maps and "
+                            "relations have no alignment across tokenizers here. Set them to 0 (logits are aligned).")
+        return problems
+
     def __post_init__(self):
         super().__post_init__()
         problems = [*self._training_problems(), *self._setting_problems(), *self._schedule_problems()]
@@ -360,6 +397,7 @@ class DistillationConfig(TrainingArguments):
                 problems.append(str(err))
         problems += weight_problems(self.teacher_weights)
         problems += self._cache_problems()
+        problems += self._cross_tokenizer_problems()
         problems += self._parse_layer_maps()
         problems += self._generation_problems()
         if problems:

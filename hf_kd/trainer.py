@@ -262,9 +262,10 @@ class DistillationTrainer(Trainer):
         counts = self._window_counts  # None outside Trainer's loop: normalise over this batch alone
         counts = counts if counts is not None else window_counts(self.task, [inputs], self.args.device)
         s_out, t_out, heads, captures = self._forward(model, inputs)
-        targets = logit_targets(self.task, inputs, s_out, t_out)
+        targets = logit_targets(self.task, inputs, s_out, t_out, self.teacher_set.vocab.classes)
         temperature, alpha = self._scheduled("temperature"), self._scheduled("alpha")
-        head_terms = self.head_route.terms(heads, inputs, targets, counts, temperature, alpha) if heads else None
+        head_terms = (self.head_route.terms(heads, inputs, targets, counts, temperature, alpha) if heads  # or aligned:
+                      else self.teacher_set.vocab.terms(inputs, targets, counts, temperature, alpha))
         total, components = self.loss_objective(inputs, targets, s_out, t_out, counts, temperature=temperature,
                                                 alpha=alpha, chunk=self.head_route.chunk, head_terms=head_terms,
                                                 captures=captures)
@@ -338,10 +339,11 @@ class DistillationTrainer(Trainer):
     def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "teacher_eval"):
         """The teacher's metrics through the student's evaluation loop: same data, collator, batches, `compute_metrics`;
         `evaluate`'s dict with keys ``teacher_eval_*``, logged like the student's."""
-        if self.teacher is None:
+        if self.teacher_set.reads_student_batches is None:
             raise InputError(
-                f"there is no teacher to evaluate: this trainer reads its targets from teacher_cache="
-                f"{self.args.teacher_cache}. Load the teacher and evaluate it with transformers.Trainer."
+                f"there is no teacher to evaluate on the student's batches: this trainer reads its targets from "
+                f"teacher_cache={self.args.teacher_cache} or the teacher has its own tokenizer (teacher_tokenizer="
+                f"{self.args.teacher_tokenizer}). Evaluate the teacher on its own data with transformers.Trainer."
             )
         self._evaluating_teacher = True
         try:
@@ -493,7 +495,7 @@ class DistillationTrainer(Trainer):
         student = self._evaluations.get("student")
         if student is None or student[0] != self.state.global_step:
             self.evaluate()
-        if "teacher" not in self._evaluations and self.teacher is not None:  # frozen: one evaluation serves all
+        if "teacher" not in self._evaluations and self.teacher_set.reads_student_batches is not None:  # frozen: one evaluation serves all
             self.evaluate_teacher()
 
     def _provenance(self, overrides: dict | None = None) -> dict:
@@ -522,6 +524,6 @@ class DistillationTrainer(Trainer):
         # never join), so their latency is not measured.
         if measure and (self.card_info or hub.CardInfo()).measure_latency and not self.backend.shards_models:
             timed = self._latency.measure(self.state.global_step, self._latency_batch,
-                                          {"student": self._student(), "teacher": self.teacher})
+                                          {"student": self._student(), "teacher": self.teacher_set.reads_student_batches})
         card.write_card(folder, self._provenance(overrides), self._evaluations, self.state.global_step,
                         length(self.eval_dataset), self._student(), self.teacher_set, self.args.device, timed)

@@ -12,6 +12,7 @@ from .. import adapters, distributed, teacher_cache
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..tasks import unwrap
+from . import vocab
 from .plan import LossPlan, build_plan
 from .teacher_set import TeacherSet, load_teachers, teacher_folder
 
@@ -30,32 +31,15 @@ def load_tokenizer(folder: str):
 
 
 def check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
-    """Teacher and student read the same input_ids, so their vocabularies must map tokens to the same ids.
-
-    The vocabularies are compared entry by entry, not by size: two tokenizers of equal size may number
-    their tokens differently.
-    """
-    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)  # a processor's tokenizer
-    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
-    if not (hasattr(student_tokenizer, "get_vocab") and hasattr(teacher_tokenizer, "get_vocab")):
-        return
-    sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if sv == tv:
-        return
-    moved = sorted(t for t in sv.keys() & tv.keys() if sv[t] != tv[t])
-    only = sorted(sv.keys() ^ tv.keys())
-    detail = []
-    if moved:
-        t = moved[0]
-        detail.append(f"{len(moved)} tokens have other ids (e.g. {t!r} is {sv[t]} for the student, {tv[t]} for the teacher)")
-    if only:
-        detail.append(f"{len(only)} tokens are in one vocabulary only (e.g. {only[0]!r})")
-    raise InputError(
-        f"the student's tokenizer ({len(sv)} tokens) and the teacher's ({len(tv)} tokens) differ: "
-        + "; ".join(detail)
-        + ". Both models read the same input_ids, so they need the same tokenizer: tokenize with the teacher's "
-        "and build the student from it (e.g. hf_kd.student.student_from_teacher)."
-    )
+    """Teacher and student read the same input_ids, so their vocabularies must map tokens to the same ids
+    (compared entry by entry, not by size; see `hf_kd.distill.vocab`, which also names the cross-tokenizer option)."""
+    difference = vocab.vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if difference:
+        raise InputError(
+            f"{difference}. Both models read the same input_ids, so they need the same tokenizer: tokenize with the "
+            "teacher's and build the student from it (e.g. hf_kd.student.student_from_teacher), or distil across "
+            "tokenizers with teacher_tokenizer=<the teacher's tokenizer> (see docs/cross-tokenizer.md)."
+        )
 
 
 #: Rows of a training set scanned for labels and lengths before training (the checks stay cheap on big data).
@@ -182,9 +166,10 @@ def _label_problem(get, student, task: str) -> str | None:
     return None
 
 
-def check_dataset(dataset, student, teacher, task: str) -> None:
+def check_dataset(dataset, student, teacher, task: str, teacher_rows: int | None = None) -> None:
     """Empty data, labels outside the head, sequences longer than either model's positions.
 
+    `teacher_rows`: how many ids the teacher embeds when it reads the student's input_ids (else None).
     Cheap by design: the first `SCAN_ROWS` rows of a `datasets.Dataset` are read (its label and input_ids
     columns alone), the first `SCAN_ROWS // 10` rows of another map-style dataset; an IterableDataset or a
     dataset without len() is not scanned. Rows past those are not checked.
@@ -200,7 +185,8 @@ def check_dataset(dataset, student, teacher, task: str) -> None:
     get = _columns_reader(dataset, n)
     if get is None:
         return
-    problems = [p for p in (_length_problem(get, student, teacher), _label_problem(get, student, task)) if p]
+    ids = vocab.id_problem(get("input_ids"), teacher_rows, f"train_dataset's input_ids (first {min(n, SCAN_ROWS)} rows)")
+    problems = [p for p in (_length_problem(get, student, teacher), _label_problem(get, student, task), ids) if p]
     if problems:
         raise InputError("Cannot train on this data:\n  - " + "\n  - ".join(problems))
 
@@ -214,11 +200,20 @@ def start(student, sources: list, args: DistillationConfig, task: str, teacher_t
         check_dataset(train_dataset, student, None, task)
         return TeacherSet([], sources, args.teacher_weights, meta, args.teacher_cache), LossPlan(args, pairs)
     loaded = load_teachers(sources, args, task)
+    if args.teacher_tokenizer is not None and len(loaded) > 1:
+        raise InputError(f"teacher_tokenizer is set and {len(loaded)} teachers are given: the alignment across "
+                         "tokenizers serves one teacher. Distil from one teacher, or unset teacher_tokenizer.")
     for source, teacher in reversed(list(zip(sources, loaded))):  # the first last: its plan is kept
         plan = build_plan(student, unwrap(teacher), args, task)
         check_placement(student, unwrap(teacher))
         folder = teacher_folder(source)
-        tokenizer = teacher_tokenizer if teacher_tokenizer is not None or not folder else load_tokenizer(folder)
-        check_tokenizers(processing_class, tokenizer)
-        check_dataset(train_dataset, student, unwrap(teacher), task)
-    return TeacherSet(loaded, sources, args.teacher_weights), plan
+        named = args.teacher_tokenizer is not None  # the tokenizer object given > teacher_tokenizer's name > the folder's
+        tokenizer = teacher_tokenizer if teacher_tokenizer is not None or not folder or named else load_tokenizer(folder)
+        vocab_plan = vocab.plan_vocab(student, unwrap(teacher), args, task, processing_class, tokenizer)
+        if vocab_plan.cross is None:  # every teacher reads the student's ids: the fewest rows bound them
+            rows = [r for r in (vocab.embedding_rows(unwrap(t)) for t in loaded) if r is not None]
+            vocab_plan.teacher_rows = min(rows, default=None)
+        check_dataset(train_dataset, student, unwrap(teacher), task, vocab_plan.teacher_rows)
+    teacher_set = TeacherSet(loaded, sources, args.teacher_weights)
+    teacher_set.vocab = vocab_plan  # the first teacher's: the ids each batch gives it, the logits kept
+    return teacher_set, plan

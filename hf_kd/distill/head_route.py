@@ -33,7 +33,7 @@ LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scalin
 def logit_chunk_size(args: DistillationConfig, task: str, student_config, device) -> int:
     """Positions per chunk of the logit losses (`logit_chunk_size`); 0 = unchunked."""
     size = args.logit_chunk_size
-    if size == -1 or task not in TOKEN_TASKS:
+    if size == -1 or task not in TOKEN_TASKS or args.teacher_tokenizer is not None:  # aligned terms: unchunked
         return 0
     if size > 0:
         return size
@@ -134,9 +134,11 @@ class HeadRoute:
         if kd_weight is not None and self.teacher is None:  # teacher_cache: its rows of this batch, checked
             topk = cached_topk(batch, targets.mask)
             temperature = args.temperature  # the cache's (temperature schedules are refused with a cache)
+        cut = slice(0, targets.classes)  # the shared vocabulary of a padded pair (all rows when None)
+        bias = [tap.head.bias[cut] if tap is not None and tap.head.bias is not None else None for tap in (s_tap, t_tap)]
         out = linear_head_loss(
-            hs, s_tap.head.weight, ht, t_tap.head.weight if t_tap is not None else None, targets.mask, labels,
-            teacher_topk=topk, student_bias=s_tap.head.bias, teacher_bias=t_tap.head.bias if t_tap is not None else None,
+            hs, s_tap.head.weight[cut], ht, t_tap.head.weight[cut] if t_tap is not None else None, targets.mask, labels,
+            teacher_topk=topk, student_bias=bias[0], teacher_bias=bias[1],
             kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=temperature,
             jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"], chunk_size=self.chunk,
             student_dtype=s_tap.dtype, teacher_dtype=t_tap.dtype if t_tap is not None else None,

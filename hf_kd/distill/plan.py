@@ -14,7 +14,7 @@ from .. import relations
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..layer_map import resolve_layer_map
-from ..tasks import TOKEN_TASKS, detect_task
+from ..tasks import detect_task
 
 
 def depth(config) -> int:
@@ -86,6 +86,8 @@ class LossPlan:
         if a.uses_relations:
             out.update(relation_weight=a.relation_weight, relation_loss=a.relation_loss,
                        relation_pooling=a.relation_pooling)
+        if a.teacher_tokenizer is not None:  # the teacher read its own tokens (hf_kd.distill.cross_tokenizer)
+            out.update(teacher_tokenizer=a.teacher_tokenizer, cross_tokenizer_loss=a.cross_tokenizer_loss)
         for name in ("temperature", "alpha"):
             if getattr(a, f"{name}_schedule") != "constant":
                 out.update({f"{name}_{key}": getattr(a, f"{name}_{key}") for key in ("schedule", "end")})
@@ -137,14 +139,6 @@ def pair_problems(student, teacher, args: DistillationConfig, task: str) -> list
                 f"the student has {s_cfg.num_labels} labels and the teacher {t_cfg.num_labels}; logit "
                 "distillation needs the same label set. Build the student with num_labels="
                 f"{t_cfg.num_labels} (and the teacher's id2label)."
-            )
-    elif args.uses_teacher_logits and task in TOKEN_TASKS:
-        sv, tv = s_cfg.get_text_config().vocab_size, t_cfg.get_text_config().vocab_size
-        if sv != tv:
-            problems.append(
-                f"the student's vocabulary has {sv} tokens and the teacher's {tv}; logit distillation "
-                "needs the same tokenizer. Use a student built from the teacher's tokenizer, or set "
-                "alpha=0 and distil hidden states only."
             )
     if s_cfg.is_encoder_decoder and (args.uses_relations or (args.uses_attention and args.attention_loss == "minilm")):
         problems.append(

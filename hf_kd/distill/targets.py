@@ -26,6 +26,7 @@ class Targets:
     labels: list[torch.Tensor | None]
     mask: torch.Tensor | None  # leading shape of the logits; None = every row valid
     class_mask: torch.Tensor | None  # QA: the positions that exist
+    classes: int | None = None  # LM logits kept (one tokenizer padded to two sizes, `hf_kd.distill.vocab`)
 
 
 def split_inputs(task: str, batch: dict, student) -> dict:
@@ -36,8 +37,9 @@ def split_inputs(task: str, batch: dict, student) -> dict:
     return inputs
 
 
-def logit_targets(task: str, batch: dict, s_out, t_out) -> Targets:
-    """Student and teacher logits with their labels and masks; causal LM shifted (position i predicts i + 1)."""
+def logit_targets(task: str, batch: dict, s_out, t_out, classes: int | None = None) -> Targets:
+    """Student and teacher logits with their labels and masks; causal LM shifted (position i predicts i + 1);
+    with `classes`, the first `classes` logits of both (the shared vocabulary of a padded pair)."""
     if task == "question_answering":
         return Targets(
             student=[s_out.start_logits, s_out.end_logits],
@@ -51,7 +53,10 @@ def logit_targets(task: str, batch: dict, s_out, t_out) -> Targets:
         s_logits = shift_predictions(s_logits)  # (B, T-1, V)
         t_logits = shift_predictions(t_logits) if t_logits is not None else None
         labels = shift_targets(labels) if labels is not None else None
-    return Targets([s_logits], [t_logits], [labels], logit_row_mask(task, batch), None)
+    if classes is not None:
+        s_logits = s_logits[..., :classes]  # (B, T, classes)
+        t_logits = t_logits[..., :classes] if t_logits is not None else None
+    return Targets([s_logits], [t_logits], [labels], logit_row_mask(task, batch), None, classes)
 
 
 def count_items(task: str, batch: dict, device) -> dict[str, torch.Tensor]:

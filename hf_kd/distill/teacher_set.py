@@ -18,6 +18,7 @@ from ..config import DistillationConfig
 from ..errors import InputError
 from ..measure import count_parameters, size_on_disk_mb
 from ..tasks import unwrap
+from .vocab import VocabPlan
 
 
 def load_teachers(sources: list, args: DistillationConfig, task: str) -> list:
@@ -64,6 +65,7 @@ class TeacherSet:
         self.cache_meta = cache_meta
         self.runners = list(models)  # replaced by `place`
         self.facts: dict = {}  # what the record says of the teacher; filled lazily or before sharding
+        self.vocab = VocabPlan()  # what the teachers read of each batch (set by the start-up checks)
         for m in models:
             m.eval()
             m.requires_grad_(False)
@@ -84,6 +86,12 @@ class TeacherSet:
     def first(self):
         """The first teacher (layer pairs, evaluation, the card), or None with a teacher cache."""
         return self.models[0] if self.models else None
+
+    @property
+    def reads_student_batches(self):
+        """The first teacher when it can run on the student's batches as they are (evaluation, latency), else None:
+        no teacher (a cache), or a teacher with its own tokenizer (`hf_kd.distill.cross_tokenizer`)."""
+        return self.first if self.vocab.cross is None else None
 
     def place(self, backend, accelerator, args: DistillationConfig, dtype) -> None:
         """Move (or partition) every teacher for `backend`; read its facts first if the backend shards it."""
@@ -111,6 +119,7 @@ class TeacherSet:
     def forward(self, model_inputs: dict, extra: dict, autocast, *, kind: str, temperature: float, class_mask=None):
         """The teachers' outputs without autograd; several teachers give one output whose logits are their mixture
         target (`hf_kd.teachers.combine_outputs`) and the first teacher's other fields."""
+        model_inputs = self.vocab.teacher_inputs(model_inputs)  # its own tokens, or the student's once checked
         with torch.no_grad(), autocast:  # mixed precision reaches the teacher too
             outputs = [runner(**model_inputs, **extra) for runner in self.runners]
         if len(outputs) == 1:
