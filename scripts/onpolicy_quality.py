@@ -182,11 +182,14 @@ def main() -> int:
     lines = [f"# On-policy distillation quality ({what}: {seeds}), {time.perf_counter() - began:.0f} s", "",
              f"steps {args.steps}, batch {args.batch}, lr {args.lr}, student layers {args.layers}, "
              f"{args.new_tokens} new tokens, mixed/on-policy loss {args.kd_loss}", ""]
-    for metric in ("gen_teacher_nll", "perplexity"):
+    # distinct-2 beside the teacher's NLL: a student that repeats itself earns a low NLL (see docs/generation.md)
+    for metric, lower in (("gen_teacher_nll", True), ("gen_reverse_kl", True), ("perplexity", True),
+                          ("gen_distinct_2", False)):
         arms = {a: [r[a][metric] for r in results] for a in args.arms}
         for baseline in [b for b in ("dataset", "labels") if b in arms]:
-            lines += [f"## {metric} (lower is better; teacher {teacher[metric]:.4f}), paired vs {baseline}", "",
-                      summarize(arms, baseline, teacher=teacher[metric], higher_is_better=False), ""]
+            lines += [f"## {metric} ({'lower' if lower else 'higher'} is better; teacher {teacher[metric]:.4f}), "
+                      f"paired vs {baseline}", "", summarize(arms, baseline, teacher=teacher[metric],
+                                                             higher_is_better=not lower), ""]
     text = "\n".join(lines)
     print(text, flush=True)
     Path(args.output).mkdir(parents=True, exist_ok=True)
