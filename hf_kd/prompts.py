@@ -10,7 +10,8 @@ A row is one of
 
 `PromptCollator` turns rows into ``prompt_input_ids``/``prompt_attention_mask`` (left-padded for decoder-only
 models, as `generate` wants them) and ``completion_input_ids``/``completion_attention_mask`` (right-padded, the
-end-of-sequence token appended unless the completion ends with it; seq2seq text completions tokenized as labels). Which completions a batch trains on is decided per accumulation window by
+end-of-sequence token appended unless the completion ends with it; seq2seq text completions tokenized as labels).
+Which completions a batch trains on is decided per accumulation window by
 `hf_kd.distill.rollout`; `causal_batch` / `seq2seq_batch` then make the LM batch the losses read, with labels on
 the completion tokens up to and including the first EOS (`first_eos_mask`), -100 on the prompt and after it.
 """

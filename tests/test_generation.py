@@ -402,7 +402,8 @@ def test_bart_loss_equals_a_full_vocabulary_divergence_on_the_generated_sequence
     decoder_ids = torch.cat([torch.full_like(labels[:, :1], EOS), labels[:, :-1]], 1).masked_fill(
         torch.cat([torch.zeros_like(mask[:, :1]), ~mask[:, :-1]], 1), BART_PAD)
     with torch.no_grad():
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_ids)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": decoder_ids}
         s, te = student(**inputs).logits, t.teacher(**inputs).logits
     expected = 2.0**2 * divergence(s[mask], te[mask], kind, 0.3, 2.0).sum() / mask.sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
@@ -523,9 +524,10 @@ def test_generation_metric_selects_the_best_model(tmp_path):
 # ------------------------------------------------------------------------------ refusals before training
 def test_bad_generation_inputs_are_refused_before_training(tmp_path):
     chat = [{"messages": [{"role": "user", "content": "the film"}, {"role": "assistant", "content": "good"}]}]
-    with pytest.raises(InputError, match="no chat template"):
+    with pytest.raises(InputError, match="no chat template to render them; set tokenizer.chat_template"):
         trainer(tmp_path, rows=chat)
-    with pytest.raises(InputError, match="past the models' context of 64"):
+    with pytest.raises(InputError, match=r"a prompt has 62 tokens and 5 more are generated, past the models' context "
+                                         r"of 64 positions \(max_position_embeddings\). Set max_prompt_length <= 59"):
         trainer(tmp_path, rows=[{"prompt": " ".join(["the"] * 62), "completion": "good"}], lmbda=1.0)
     with pytest.raises(InputError, match="prompts without completions"):
         trainer(tmp_path, rows=[{"prompt": "the film"}], lmbda=0.5)
@@ -534,8 +536,9 @@ def test_bad_generation_inputs_are_refused_before_training(tmp_path):
         DistillationTrainer(model=make_llama(seed=1), teacher_model=make_llama(seed=2), processing_class=gen_tokenizer(),
                             args=config(tmp_path, eval_generation=True), train_dataset=Dataset.from_list(ROWS),
                             eval_dataset=Dataset.from_list([{"input_ids": [5, 6, 7]}]))
-    with pytest.raises(InputError, match=r"teacher's vocabulary \(48 ids\) is smaller than the student's \(64\)"):
-        trainer(tmp_path, teacher=make_llama(vocab=48), lmbda=1.0)
+    with pytest.raises(InputError, match=r"the teacher embeds 24 token ids but the tokenizer has 31 tokens and the "
+                                         r"models generate up to 64 ids: the teacher cannot read every token"):
+        trainer(tmp_path, teacher=make_llama(vocab=24), lmbda=1.0)
     from conftest import make_bert
 
     with pytest.raises(InputError, match="generative student"):
@@ -544,7 +547,79 @@ def test_bad_generation_inputs_are_refused_before_training(tmp_path):
     tok.pad_token = None
     trainer(tmp_path, tok=tok, lmbda=1.0)
     assert tok.pad_token_id == EOS  # padded with EOS, as the warning says
+    tok.pad_token = tok.eos_token = None
+    with pytest.raises(InputError, match="no pad token and no EOS token to pad with.*Set tokenizer.pad_token to a "):
+        trainer(tmp_path, tok=tok, lmbda=1.0)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generation_without_any_pad_or_eos_id_is_refused(tmp_path):
+    student = make_llama(seed=1)
+    student.config.pad_token_id = student.config.eos_token_id = None
+    student.generation_config.pad_token_id = student.generation_config.eos_token_id = None
+    with pytest.raises(InputError, match="neither the tokenizer nor the generation configs give a pad or an "
+                                         "end-of-sequence token id.*processing_class"):
+        Rollout(config(tmp_path, lmbda=1.0), "causal_lm", None, student)
+    ok = Rollout(config(tmp_path, lmbda=1.0, generation_config={"max_new_tokens": 3, "eos_token_id": 7}), "causal_lm",
+                 None, student)
+    assert ok.eos_ids == [7] and ok.pad_id == 7
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_prompts_and_max_new_tokens_past_the_context_are_refused_before_training(tmp_path, arch):
+    """Llama and BART embed 64 positions here: a decoder-only model's prompt and completion share them; BART's
+    encoder holds the prompt and its decoder the start token and the completion."""
+    make, tok = (make_llama, gen_tokenizer) if arch == "llama" else (make_bart, bart_tokenizer)
+    def build(rows=ROWS, **kw):
+        return trainer(tmp_path, student=make(seed=1), teacher=make(seed=2), tok=tok(), rows=rows, lmbda=1.0, **kw)
+    if arch == "llama":  # max_prompt_length is checked itself, although every prompt here is short
+        with pytest.raises(InputError, match=r"max_prompt_length=62 lets a prompt have 62 tokens and 5 more are "
+                                             r"generated, past the models' context of 64 .*max_prompt_length <= 59"):
+            build(max_prompt_length=62)
+        with pytest.raises(InputError, match=r"max_new_tokens=64 leaves no room for a prompt .* context of 64"):
+            build(generation_config={"max_new_tokens": 64})
+    else:
+        with pytest.raises(InputError, match=r"max_new_tokens=64 tokens after the decoder's start token exceed the "
+                                             r"decoder's context of 64 positions .*Set max_new_tokens <= 63"):
+            build(generation_config={"max_new_tokens": 64})
+        with pytest.raises(InputError, match=r"a prompt has 72 tokens, past the encoder's context of 64 positions "
+                                             r".*Set max_prompt_length <= 64"):
+            build(rows=[{"prompt": " ".join(["the"] * 70), "completion": "good"}])
+        with pytest.raises(InputError, match=r"max_prompt_length=65 lets a prompt have 65 tokens, past the encoder's"):
+            build(max_prompt_length=65)
+    build(max_prompt_length=59 if arch == "llama" else 64)  # what the messages advise is accepted
+    t = build()  # a prompt longer than the start-up check saw (it reads the first rows) is refused when met
+    ids = torch.full((1, 70), 5)
+    with pytest.raises(InputError, match="a prompt of this batch has 70 tokens"):
+        t.rollout.generate(t._student(), ids, torch.ones_like(ids))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_t5_has_no_position_limit_and_takes_long_prompts(tmp_path):
+    t = trainer(tmp_path, student=make_t5(seed=1), teacher=make_t5(seed=2), lmbda=1.0, max_steps=1,
+                rows=[{"prompt": " ".join(["the"] * 70), "completion": "good"}] * 2)
+    t.train()
+    assert t.rollout.windows["student"] == 1
+
+
+@pytest.mark.parametrize("seq_kd", [False, True])
+def test_padding_ids_a_reader_cannot_embed_are_never_generated(tmp_path, seq_kd):
+    """One tokenizer (31 tokens), embeddings padded to two sizes: the model that generates is pushed towards its
+    padding ids; the ids the other model cannot embed are suppressed, and training runs."""
+    small, large = make_llama(vocab=48, seed=1), make_llama(layers=3, seed=2)
+    student, teacher = (large, small) if not seq_kd else (small, make_llama(layers=3, vocab=96, seed=2))
+    generator = teacher if seq_kd else student
+    with torch.no_grad():
+        generator.lm_head.weight[48:] *= 50.0  # padding rows dominate the logits
+    calls = []
+    generator.generate = counting(generator, calls)
+    t = trainer(tmp_path, student=student, teacher=teacher, lmbda=0.0 if seq_kd else 1.0, seq_kd=seq_kd, max_steps=2,
+                generation_config={"max_new_tokens": 5, "do_sample": True})
+    assert t.rollout.generation_config.suppress_tokens == list(range(48, 96 if seq_kd else 64))
+    t.train()
+    generated = torch.cat([out[:, prompt.shape[1]:] for prompt, _, out in calls])
+    assert len(calls) == 2 and generated.max() < 48 and generated.numel() > 0
+    assert all(math.isfinite(log["loss"]) for log in t.state.log_history if "loss" in log)
 
 
 def test_t5_trains_end_to_end_with_mixed_windows(tmp_path):
@@ -643,3 +718,31 @@ def test_generation_is_refused_on_backends_that_shard_the_models(tmp_path):
     assert not backend_problems(fsdp, config(tmp_path)) and not backend_problems(SimpleNamespace(shards_models=False,
                                                                                                name="DDP"),
                                                                               config(tmp_path, lmbda=1.0))
+
+
+def test_across_tokenizers_the_teacher_scores_its_own_tokens_of_the_generated_text_and_seq_kd_is_refused(tmp_path):
+    """A teacher with its own (smaller) vocabulary reads the generated text re-tokenized (teacher_tokenizer), so
+    on-policy distillation is not refused for its size; the teacher cannot generate from the student's ids."""
+    from xtok_tokenizers import byte_bpe, wordpiece
+
+    bpe, wp = byte_bpe(), wordpiece()
+    assert len(wp) < len(bpe)
+    student, teacher, seen = make_llama(vocab=len(bpe), seed=1), make_llama(vocab=len(wp), seed=2), []
+    reply = bpe(" very good", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+
+    def generate(input_ids, attention_mask, generation_config):
+        return torch.cat([input_ids, torch.tensor([reply] * len(input_ids))], 1)
+
+    student.generate = generate
+    teacher.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"]), with_kwargs=True)
+    def build(**kw):
+        return DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                   train_dataset=Dataset.from_list(ROWS),
+                                   args=config(tmp_path, teacher_tokenizer="wp", logit_chunk_size=-1, max_steps=1,
+                                               **kw))
+    with pytest.raises(InputError, match="seq_kd=True makes the teacher generate from the student's token ids, but "
+                                         "with teacher_tokenizer"):
+        build(seq_kd=True)
+    build(lmbda=1.0).train()
+    (ids,), rows = seen, [r["prompt"] + " very good" for r in ROWS[:2]]
+    assert ids.max() < len(wp) and wp.decode(ids[0], skip_special_tokens=True) == rows[0]
