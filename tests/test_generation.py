@@ -698,14 +698,19 @@ def test_gradient_checkpointing_students_generate_with_the_cache_in_eval_mode_an
     assert student.is_gradient_checkpointing and student.training  # restored after generating
 
 
-def test_t5_generation_evaluation_of_identical_models(tmp_path):
-    teacher = make_t5(seed=4)
-    t = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, processing_class=gen_tokenizer(),
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_generation_evaluation_of_identical_models(tmp_path, arch):
+    teacher, tok = (make_t5(seed=4), gen_tokenizer()) if arch == "t5" else (make_bart(seed=4), bart_tokenizer())
+    received = []
+    t = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, processing_class=tok,
                             args=config(tmp_path, eval_generation=True, per_device_eval_batch_size=4),
-                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS))
+                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS),
+                            compute_metrics=lambda texts: received.append(texts) or {})
     metrics = t.evaluate_generation()
     assert metrics["eval_gen_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval_gen_teacher_agreement"] == 1.0 and metrics["eval_gen_teacher_nll"] > 0
+    texts, = received
+    assert texts.references[1] == "quite dull really" and texts.prompts[1] == "a story"  # special tokens dropped
 
 
 def test_generation_is_refused_on_backends_that_shard_the_models(tmp_path):
