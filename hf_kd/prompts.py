@@ -10,7 +10,8 @@ A row is one of
 
 `PromptCollator` turns rows into ``prompt_input_ids``/``prompt_attention_mask`` (left-padded for decoder-only
 models, as `generate` wants them) and ``completion_input_ids``/``completion_attention_mask`` (right-padded, the
-end-of-sequence token appended). Which completions a batch trains on is decided per accumulation window by
+end-of-sequence token appended unless the completion ends with it; seq2seq text completions tokenized as labels).
+Which completions a batch trains on is decided per accumulation window by
 `hf_kd.distill.rollout`; `causal_batch` / `seq2seq_batch` then make the LM batch the losses read, with labels on
 the completion tokens up to and including the first EOS (`first_eos_mask`), -100 on the prompt and after it.
 """
@@ -104,15 +105,23 @@ class PromptCollator:
             else:
                 prompt_text, completion_text, special = row["prompt"], row.get("completion"), True
             prompt = self.tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
-            completion = None if completion_text is None else \
-                self.tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+            completion = None if completion_text is None else self.completion_ids(completion_text, special)
         if self.max_prompt_length is not None:
             prompt = prompt[-self.max_prompt_length:]
         if completion is not None:
-            completion = completion + ([self.eos] if self.eos is not None else [])
+            if self.eos is not None and completion[-1:] != [self.eos]:
+                completion = completion + [self.eos]
             if self.max_completion_length is not None:
                 completion = completion[: self.max_completion_length]
         return prompt, completion
+
+    def completion_ids(self, text: str, special: bool) -> list[int]:
+        """A completion's ids. Seq2seq: as the tokenizer makes labels (``text_target``), since that is what the
+        decoder was trained to generate: BART's ``<s> text </s>`` (its generate forces the ``<s>``), T5's
+        ``text </s>``. Decoder-only (or a chat template): the bare text, which follows the prompt."""
+        if self.encoder_decoder and special:
+            return self.tokenizer(text_target=text)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(r) for r in rows]

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import WORDS, make_llama
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, PreTrainedTokenizerFast, T5Config,
+                          T5ForConditionalGeneration)
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
 from hf_kd.distill.generation_eval import GeneratedTexts
@@ -55,6 +56,38 @@ def make_t5(layers=2, d_model=16, seed=0):
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD))
 
 
+# BART's ids: <s>=0, <pad>=1, </s>=2 (the EOS, and the decoder's start token), <unk>=3.
+BART_BOS, BART_PAD = 0, 1
+
+
+def bart_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, laid out like BART's: text is wrapped as <s> ... </s>."""
+    words = ["<s>", "<pad>", "</s>", "<unk>", *WORDS, "and"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                       special_tokens=[("<s>", BART_BOS), ("</s>", EOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_bart(layers=2, d_model=16, seed=0):
+    """BART's quirks: the decoder starts from the EOS id, the first generated token is forced to <s>, the last to
+    </s>; the logits carry final_logits_bias (random here, so that a route that drops it is caught)."""
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=BART_PAD, bos_token_id=BART_BOS, eos_token_id=EOS, decoder_start_token_id=EOS,
+        forced_eos_token_id=EOS))
+    model.generation_config.forced_bos_token_id = BART_BOS  # as facebook/bart-large-cnn's generation_config.json
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+    return model
+
+
 def config(tmp_path, **kw) -> DistillationConfig:
     base = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, alpha=1.0, save_strategy="no",
                 per_device_train_batch_size=2, max_steps=2, generation_config={"max_new_tokens": 5},
@@ -69,17 +102,19 @@ def trainer(tmp_path, student=None, teacher=None, rows=ROWS, tok=None, **kw) -> 
                                processing_class=tok or gen_tokenizer())
 
 
+def fake_completion(prompt: list[int]) -> list[int]:
+    """The completion `fake_generate` gives a prompt: 1 to 4 tokens (by the prompt's id sum), then EOS."""
+    return [3 + (sum(prompt) + k) % 20 for k in range(1 + sum(prompt) % 4)] + [EOS]
+
+
 def fake_generate(model, encoder_decoder=False, calls=None):
-    """A deterministic `generate`: row i's completion has 1 + (first prompt token % 4) tokens, then EOS, then pad."""
+    """A deterministic `generate`: each row's `fake_completion`, then pad, after the prompt (decoder-only) or one
+    start token (encoder-decoder)."""
     def generate(input_ids, attention_mask, generation_config):
         assert generation_config.use_cache and not model.training  # the KV cache on, dropout off
         if calls is not None:
             calls.append((input_ids.clone(), attention_mask.clone()))
-        rows = []
-        for ids, m in zip(input_ids, attention_mask.bool()):
-            real = ids[m].tolist()
-            n = 1 + real[0] % 4
-            rows.append([3 + (real[-1] + k) % 20 for k in range(n)] + [EOS])
+        rows = [fake_completion(ids[m].tolist()) for ids, m in zip(input_ids, attention_mask.bool())]
         width = generation_config.max_new_tokens
         out = torch.full((len(rows), width), PAD)
         for i, r in enumerate(rows):
@@ -208,8 +243,7 @@ def test_labels_mask_the_prompt_and_everything_after_the_first_eos(tmp_path, pad
     out, = t.rollout.window([batch], student, t.teacher, 0, 1)
     for i in range(len(ROWS)):
         prompt = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
-        n = 1 + prompt[0] % 4
-        completion = [3 + (prompt[-1] + k) % 20 for k in range(n)] + [EOS]
+        completion = fake_completion(prompt)
         real = out["attention_mask"][i].bool()
         assert out["input_ids"][i][real].tolist() == prompt + completion
         assert out["labels"][i][real].tolist() == [-100] * len(prompt) + completion  # EOS carries loss
@@ -277,13 +311,17 @@ def _one_step(tmp_path, name, make_student, make_teacher, encoder_decoder, **kw)
     return {n: p.detach().clone() for n, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "t5", "bart"])
 def test_accumulation_with_completions_of_different_lengths_equals_the_larger_batch(tmp_path, arch):
     makers = {"llama": (lambda: make_llama(seed=1), lambda: make_llama(layers=3, seed=2)),
-              "t5": (lambda: make_t5(seed=1), lambda: make_t5(layers=3, seed=2))}[arch]
+              "t5": (lambda: make_t5(seed=1), lambda: make_t5(layers=3, seed=2)),
+              "bart": (lambda: make_bart(seed=1), lambda: make_bart(layers=3, seed=2))}[arch]
+    tok = bart_tokenizer() if arch == "bart" else gen_tokenizer()
+    lengths = {len(fake_completion(p)) for p in PromptCollator(tok)(ROWS)["prompt_input_ids"].tolist()}
+    assert len(lengths) > 1  # (left padding adds 0s, which do not change a sum)
     start = {n: p.detach().clone() for n, p in makers[0]().named_parameters()}
-    big = _one_step(tmp_path, "big", *makers, arch == "t5", per_device_train_batch_size=4)
-    small = _one_step(tmp_path, "small", *makers, arch == "t5", per_device_train_batch_size=1,
+    big = _one_step(tmp_path, "big", *makers, arch != "llama", tok=tok, per_device_train_batch_size=4)
+    small = _one_step(tmp_path, "small", *makers, arch != "llama", tok=tok, per_device_train_batch_size=1,
                       gradient_accumulation_steps=4)
     assert any(not torch.equal(start[n], big[n]) for n in big)  # the step moved the weights
     for n in big:
@@ -315,6 +353,77 @@ def test_t5_decoder_generates_and_its_ids_are_the_labels(tmp_path):
     mask = out["labels"] != -100
     expected = 2.0**2 * divergence(s[mask], te[mask], "reverse_kl", 0.5, 2.0).sum() / mask.sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_bart_generates_once_per_window_and_the_teacher_scores_exactly_the_generated_decoder_ids(tmp_path):
+    student, teacher, calls, seen = make_bart(seed=1), make_bart(layers=3, seed=2), [], []
+    student.generate = counting(student, calls)
+    teacher.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["input_ids"], k["attention_mask"], k["decoder_input_ids"])), with_kwargs=True)
+    t = trainer(tmp_path, student=student, teacher=teacher, tok=bart_tokenizer(), lmbda=1.0, max_steps=2,
+                gradient_accumulation_steps=2, generation_config={"max_new_tokens": 5, "do_sample": True})
+    t.train()
+    assert len(calls) == 2 and all(ids.shape[0] == 4 for ids, _, _ in calls)  # both micro-batches' prompts at once
+    assert len(seen) == 4  # one teacher forward per micro-batch
+    for w, (prompt, prompt_mask, out) in enumerate(calls):
+        assert (out[:, 0] == EOS).all() and (out[:, 1] == BART_BOS).all()  # BART's start token, then the forced <s>
+        for half in range(2):
+            ids, mask, decoder_ids = seen[2 * w + half]
+            rows = slice(2 * half, 2 * half + 2)
+            assert torch.equal(ids, prompt[rows]) and torch.equal(mask, prompt_mask[rows])
+            kept = first_eos_mask(out[rows, 1:], [EOS]).sum(-1)  # generated tokens up to the first EOS
+            assert decoder_ids.shape[1] == kept.max()
+            for i, n in enumerate(kept.tolist()):  # the decoder reads what generate fed it: start, <s>, tokens
+                assert decoder_ids[i, :n].tolist() == out[rows][i, :n].tolist()
+                assert (decoder_ids[i, n:] == BART_PAD).all()
+
+
+def bart_generated_batch(t, seed=0):
+    with torch.no_grad():
+        t.teacher.lm_head.weight.mul_(20.0)
+    torch.manual_seed(seed)
+    batch = PromptCollator(t.processing_class, encoder_decoder=True)(ROWS)
+    return t.rollout.window([batch], t._student(), t.teacher, 0, 1)[0]
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk", [-1, 3])
+def test_bart_loss_equals_a_full_vocabulary_divergence_on_the_generated_sequence(tmp_path, kind, chunk):
+    t = trainer(tmp_path, student=make_bart(seed=1), teacher=make_bart(layers=3, seed=2), tok=bart_tokenizer(),
+                lmbda=1.0, kd_loss=kind, jsd_beta=0.3, temperature=2.0, logit_chunk_size=chunk,
+                generation_config={"max_new_tokens": 6, "do_sample": True})
+    batch = bart_generated_batch(t)
+    labels = batch["labels"]
+    mask = labels != -100
+    assert mask.sum() > 2 * len(ROWS) and (labels[:, 0] == BART_BOS).all()
+    student = t._student().train()
+    loss = t.compute_loss(student, batch)
+    # BART's decoder inputs written out: the start token (EOS), then the labels, -100 read as pad
+    decoder_ids = torch.cat([torch.full_like(labels[:, :1], EOS), labels[:, :-1]], 1).masked_fill(
+        torch.cat([torch.zeros_like(mask[:, :1]), ~mask[:, :-1]], 1), BART_PAD)
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": decoder_ids}
+        s, te = student(**inputs).logits, t.teacher(**inputs).logits
+    expected = 2.0**2 * divergence(s[mask], te[mask], kind, 0.3, 2.0).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_bart_dataset_completions_have_the_form_the_decoder_generates(tmp_path):
+    tok = bart_tokenizer()
+    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    batch = PromptCollator(tok, encoder_decoder=True)(ROWS[:2])
+    assert batch["prompt_input_ids"][0].tolist() == [BART_BOS, *words("the film was"), EOS]
+    # the labels of BART's tokenizer (text_target): <s> first, as generate forces it, and one </s>
+    assert batch["completion_input_ids"][0].tolist() == [BART_BOS, *words("very good"), EOS, BART_PAD]
+    t = trainer(tmp_path, student=make_bart(seed=1), teacher=make_bart(layers=3, seed=2), tok=tok, lmbda=0.5,
+                max_steps=4)
+    t.train()
+    assert t.rollout.windows["student"] > 0 and t.rollout.windows["dataset"] > 0
+    assert all(math.isfinite(log["loss"]) for log in t.state.log_history if "loss" in log)
+    generated = t.rollout.window([batch], t._student(), t.teacher, 0, 1)[0]["labels"]
+    dataset = t.rollout.dataset_batch(batch)["labels"]
+    assert (generated[:, 0] == BART_BOS).all() and (dataset[:, 0] == BART_BOS).all()
 
 
 # ------------------------------------------------------------------------------ equality with TRL's losses
@@ -415,9 +524,10 @@ def test_generation_metric_selects_the_best_model(tmp_path):
 # ------------------------------------------------------------------------------ refusals before training
 def test_bad_generation_inputs_are_refused_before_training(tmp_path):
     chat = [{"messages": [{"role": "user", "content": "the film"}, {"role": "assistant", "content": "good"}]}]
-    with pytest.raises(InputError, match="no chat template"):
+    with pytest.raises(InputError, match="no chat template to render them; set tokenizer.chat_template"):
         trainer(tmp_path, rows=chat)
-    with pytest.raises(InputError, match="past the models' context of 64"):
+    with pytest.raises(InputError, match=r"a prompt has 62 tokens and 5 more are generated, past the models' context "
+                                         r"of 64 positions \(max_position_embeddings\). Set max_prompt_length <= 59"):
         trainer(tmp_path, rows=[{"prompt": " ".join(["the"] * 62), "completion": "good"}], lmbda=1.0)
     with pytest.raises(InputError, match="prompts without completions"):
         trainer(tmp_path, rows=[{"prompt": "the film"}], lmbda=0.5)
@@ -426,8 +536,9 @@ def test_bad_generation_inputs_are_refused_before_training(tmp_path):
         DistillationTrainer(model=make_llama(seed=1), teacher_model=make_llama(seed=2), processing_class=gen_tokenizer(),
                             args=config(tmp_path, eval_generation=True), train_dataset=Dataset.from_list(ROWS),
                             eval_dataset=Dataset.from_list([{"input_ids": [5, 6, 7]}]))
-    with pytest.raises(InputError, match=r"teacher's vocabulary \(48 ids\) is smaller than the student's \(64\)"):
-        trainer(tmp_path, teacher=make_llama(vocab=48), lmbda=1.0)
+    with pytest.raises(InputError, match=r"the teacher embeds 24 token ids but the tokenizer has 31 tokens and the "
+                                         r"models generate up to 64 ids: the teacher cannot read every token"):
+        trainer(tmp_path, teacher=make_llama(vocab=24), lmbda=1.0)
     from conftest import make_bert
 
     with pytest.raises(InputError, match="generative student"):
@@ -436,7 +547,79 @@ def test_bad_generation_inputs_are_refused_before_training(tmp_path):
     tok.pad_token = None
     trainer(tmp_path, tok=tok, lmbda=1.0)
     assert tok.pad_token_id == EOS  # padded with EOS, as the warning says
+    tok.pad_token = tok.eos_token = None
+    with pytest.raises(InputError, match="no pad token and no EOS token to pad with.*Set tokenizer.pad_token to a "):
+        trainer(tmp_path, tok=tok, lmbda=1.0)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generation_without_any_pad_or_eos_id_is_refused(tmp_path):
+    student = make_llama(seed=1)
+    student.config.pad_token_id = student.config.eos_token_id = None
+    student.generation_config.pad_token_id = student.generation_config.eos_token_id = None
+    with pytest.raises(InputError, match="neither the tokenizer nor the generation configs give a pad or an "
+                                         "end-of-sequence token id.*processing_class"):
+        Rollout(config(tmp_path, lmbda=1.0), "causal_lm", None, student)
+    ok = Rollout(config(tmp_path, lmbda=1.0, generation_config={"max_new_tokens": 3, "eos_token_id": 7}), "causal_lm",
+                 None, student)
+    assert ok.eos_ids == [7] and ok.pad_id == 7
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_prompts_and_max_new_tokens_past_the_context_are_refused_before_training(tmp_path, arch):
+    """Llama and BART embed 64 positions here: a decoder-only model's prompt and completion share them; BART's
+    encoder holds the prompt and its decoder the start token and the completion."""
+    make, tok = (make_llama, gen_tokenizer) if arch == "llama" else (make_bart, bart_tokenizer)
+    def build(rows=ROWS, **kw):
+        return trainer(tmp_path, student=make(seed=1), teacher=make(seed=2), tok=tok(), rows=rows, lmbda=1.0, **kw)
+    if arch == "llama":  # max_prompt_length is checked itself, although every prompt here is short
+        with pytest.raises(InputError, match=r"max_prompt_length=62 lets a prompt have 62 tokens and 5 more are "
+                                             r"generated, past the models' context of 64 .*max_prompt_length <= 59"):
+            build(max_prompt_length=62)
+        with pytest.raises(InputError, match=r"max_new_tokens=64 leaves no room for a prompt .* context of 64"):
+            build(generation_config={"max_new_tokens": 64})
+    else:
+        with pytest.raises(InputError, match=r"max_new_tokens=64 tokens after the decoder's start token exceed the "
+                                             r"decoder's context of 64 positions .*Set max_new_tokens <= 63"):
+            build(generation_config={"max_new_tokens": 64})
+        with pytest.raises(InputError, match=r"a prompt has 72 tokens, past the encoder's context of 64 positions "
+                                             r".*Set max_prompt_length <= 64"):
+            build(rows=[{"prompt": " ".join(["the"] * 70), "completion": "good"}])
+        with pytest.raises(InputError, match=r"max_prompt_length=65 lets a prompt have 65 tokens, past the encoder's"):
+            build(max_prompt_length=65)
+    build(max_prompt_length=59 if arch == "llama" else 64)  # what the messages advise is accepted
+    t = build()  # a prompt longer than the start-up check saw (it reads the first rows) is refused when met
+    ids = torch.full((1, 70), 5)
+    with pytest.raises(InputError, match="a prompt of this batch has 70 tokens"):
+        t.rollout.generate(t._student(), ids, torch.ones_like(ids))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_t5_has_no_position_limit_and_takes_long_prompts(tmp_path):
+    t = trainer(tmp_path, student=make_t5(seed=1), teacher=make_t5(seed=2), lmbda=1.0, max_steps=1,
+                rows=[{"prompt": " ".join(["the"] * 70), "completion": "good"}] * 2)
+    t.train()
+    assert t.rollout.windows["student"] == 1
+
+
+@pytest.mark.parametrize("seq_kd", [False, True])
+def test_padding_ids_a_reader_cannot_embed_are_never_generated(tmp_path, seq_kd):
+    """One tokenizer (31 tokens), embeddings padded to two sizes: the model that generates is pushed towards its
+    padding ids; the ids the other model cannot embed are suppressed, and training runs."""
+    small, large = make_llama(vocab=48, seed=1), make_llama(layers=3, seed=2)
+    student, teacher = (large, small) if not seq_kd else (small, make_llama(layers=3, vocab=96, seed=2))
+    generator = teacher if seq_kd else student
+    with torch.no_grad():
+        generator.lm_head.weight[48:] *= 50.0  # padding rows dominate the logits
+    calls = []
+    generator.generate = counting(generator, calls)
+    t = trainer(tmp_path, student=student, teacher=teacher, lmbda=0.0 if seq_kd else 1.0, seq_kd=seq_kd, max_steps=2,
+                generation_config={"max_new_tokens": 5, "do_sample": True})
+    assert t.rollout.generation_config.suppress_tokens == list(range(48, 96 if seq_kd else 64))
+    t.train()
+    generated = torch.cat([out[:, prompt.shape[1]:] for prompt, _, out in calls])
+    assert len(calls) == 2 and generated.max() < 48 and generated.numel() > 0
+    assert all(math.isfinite(log["loss"]) for log in t.state.log_history if "loss" in log)
 
 
 def test_t5_trains_end_to_end_with_mixed_windows(tmp_path):
@@ -515,14 +698,19 @@ def test_gradient_checkpointing_students_generate_with_the_cache_in_eval_mode_an
     assert student.is_gradient_checkpointing and student.training  # restored after generating
 
 
-def test_t5_generation_evaluation_of_identical_models(tmp_path):
-    teacher = make_t5(seed=4)
-    t = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, processing_class=gen_tokenizer(),
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_generation_evaluation_of_identical_models(tmp_path, arch):
+    teacher, tok = (make_t5(seed=4), gen_tokenizer()) if arch == "t5" else (make_bart(seed=4), bart_tokenizer())
+    received = []
+    t = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, processing_class=tok,
                             args=config(tmp_path, eval_generation=True, per_device_eval_batch_size=4),
-                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS))
+                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS),
+                            compute_metrics=lambda texts: received.append(texts) or {})
     metrics = t.evaluate_generation()
     assert metrics["eval_gen_reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval_gen_teacher_agreement"] == 1.0 and metrics["eval_gen_teacher_nll"] > 0
+    texts, = received
+    assert texts.references[1] == "quite dull really" and texts.prompts[1] == "a story"  # special tokens dropped
 
 
 def test_generation_is_refused_on_backends_that_shard_the_models(tmp_path):
@@ -535,3 +723,31 @@ def test_generation_is_refused_on_backends_that_shard_the_models(tmp_path):
     assert not backend_problems(fsdp, config(tmp_path)) and not backend_problems(SimpleNamespace(shards_models=False,
                                                                                                name="DDP"),
                                                                               config(tmp_path, lmbda=1.0))
+
+
+def test_across_tokenizers_the_teacher_scores_its_own_tokens_of_the_generated_text_and_seq_kd_is_refused(tmp_path):
+    """A teacher with its own (smaller) vocabulary reads the generated text re-tokenized (teacher_tokenizer), so
+    on-policy distillation is not refused for its size; the teacher cannot generate from the student's ids."""
+    from xtok_tokenizers import byte_bpe, wordpiece
+
+    bpe, wp = byte_bpe(), wordpiece()
+    assert len(wp) < len(bpe)
+    student, teacher, seen = make_llama(vocab=len(bpe), seed=1), make_llama(vocab=len(wp), seed=2), []
+    reply = bpe(" very good", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+
+    def generate(input_ids, attention_mask, generation_config):
+        return torch.cat([input_ids, torch.tensor([reply] * len(input_ids))], 1)
+
+    student.generate = generate
+    teacher.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"]), with_kwargs=True)
+    def build(**kw):
+        return DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                   train_dataset=Dataset.from_list(ROWS),
+                                   args=config(tmp_path, teacher_tokenizer="wp", logit_chunk_size=-1, max_steps=1,
+                                               **kw))
+    with pytest.raises(InputError, match="seq_kd=True makes the teacher generate from the student's token ids, but "
+                                         "with teacher_tokenizer"):
+        build(seq_kd=True)
+    build(lmbda=1.0).train()
+    (ids,), rows = seen, [r["prompt"] + " very good" for r in ROWS[:2]]
+    assert ids.max() < len(wp) and wp.decode(ids[0], skip_special_tokens=True) == rows[0]

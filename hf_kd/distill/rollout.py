@@ -32,6 +32,7 @@ import torch
 from .. import prompts
 from ..prompts import causal_batch, first_eos_mask, seq2seq_batch
 from ..errors import InputError
+from .vocab import embedding_rows
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ class Rollout:
         task: "causal_lm" or "seq2seq_lm".
         tokenizer: the student's tokenizer (pad and EOS ids; may be None when the model configs give them).
         student_model: the student (its generation_config and config give pad and EOS ids the tokenizer lacks).
+        suppressed: ids generation never produces (`unreadable_ids`: padding ids a model that reads the completions
+            cannot embed).
     """
 
-    def __init__(self, args, task: str, tokenizer, student_model):
+    def __init__(self, args, task: str, tokenizer, student_model, suppressed: list[int] | None = None):
         self.args, self.task = args, task
         self.encoder_decoder = task == "seq2seq_lm"
         gen = copy.deepcopy(args.generation_config)
@@ -92,8 +95,17 @@ class Rollout:
             eos = [student_model.config.get_text_config().eos_token_id]
         self.eos_ids = sorted({e for e in eos if e is not None})
         pads = (getattr(tokenizer, "pad_token_id", None), gen.pad_token_id, getattr(defaults, "pad_token_id", None))
-        self.pad_id = next((p for p in pads if p is not None), self.eos_ids[0])  # pad == EOS is fine: see the module
+        pads += tuple(self.eos_ids[:1])  # pad == EOS is fine: see the module
+        self.pad_id = next((p for p in pads if p is not None), None)
+        if self.pad_id is None:
+            raise InputError(
+                "neither the tokenizer nor the generation configs give a pad or an end-of-sequence token id, so "
+                "completions can be neither padded nor ended. Pass processing_class=<the student's tokenizer, with an "
+                "EOS token>, or set generation_config={'eos_token_id': ..., 'pad_token_id': ...}."
+            )
         gen.eos_token_id, gen.pad_token_id, gen.use_cache = self.eos_ids, self.pad_id, True
+        if suppressed:
+            gen.suppress_tokens = sorted(set(gen.suppress_tokens or []) | set(suppressed))
         self.generation_config = gen
         self.greedy_config = copy.deepcopy(gen)
         self.greedy_config.do_sample, self.greedy_config.temperature = False, None
@@ -136,6 +148,11 @@ class Rollout:
         """The generated completion ids (N, L) for left-padded (decoder-only) or right-padded prompts; `greedy`:
         without sampling (evaluation), else with `generation_config`."""
         config = self.greedy_config if greedy else self.generation_config
+        # the start-up check reads the first rows only: a longer prompt later is refused here, not by an IndexError
+        problem = context_problem(ids.shape[1], config.max_new_tokens, context_limit(model), self.encoder_decoder,
+                                  "a prompt of this batch has")
+        if problem:
+            raise InputError(problem)
         with generation_mode(model):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         # decoder-only: the prompt comes back first; encoder-decoder: the decoder's start token does
@@ -158,7 +175,7 @@ class Rollout:
         if "completion_input_ids" in batch:
             return self.dataset_batch(batch)
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        c = torch.full((ids.shape[0], 1), self.eos_ids[0], dtype=ids.dtype, device=ids.device)
+        c = torch.full((ids.shape[0], 1), (self.eos_ids or [self.pad_id])[0], dtype=ids.dtype, device=ids.device)
         return self.lm_batch(ids, mask, c, torch.ones_like(c, dtype=torch.bool))
 
     def lm_batch(self, p_ids, p_mask, c_ids, c_mask) -> dict:
@@ -169,7 +186,76 @@ class Rollout:
 
 # ---------------------------------------------------------------------------------------------- start-up checks
 def context_limit(model) -> int | None:
+    """Positions the model can embed (max_position_embeddings), or None when it has no such limit (T5)."""
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def context_problem(prompt_tokens: int, new_tokens: int, limit: int | None, encoder_decoder: bool,
+                    subject: str = "a prompt has") -> str | None:
+    """Why prompts of `prompt_tokens` tokens and `new_tokens` generated ones do not fit `limit` positions, or None.
+
+    Decoder-only: prompt and completion share the context. Encoder-decoder: the prompt fills the encoder's; the
+    decoder's start token and the completion fill the decoder's."""
+    if limit is None:
+        return None
+    if encoder_decoder:
+        if new_tokens + 1 > limit:
+            return (f"generation_config.max_new_tokens={new_tokens} tokens after the decoder's start token exceed the "
+                    f"decoder's context of {limit} positions (max_position_embeddings). Set max_new_tokens <= "
+                    f"{limit - 1}.")
+        if prompt_tokens > limit:
+            return (f"{subject} {prompt_tokens} tokens, past the encoder's context of {limit} positions "
+                    f"(max_position_embeddings). Set max_prompt_length <= {limit}.")
+        return None
+    if new_tokens >= limit:
+        return (f"generation_config.max_new_tokens={new_tokens} leaves no room for a prompt in the models' context of "
+                f"{limit} positions (max_position_embeddings). Set max_new_tokens below {limit}, and max_prompt_length "
+                "to what remains.")
+    if prompt_tokens + new_tokens > limit:
+        return (f"{subject} {prompt_tokens} tokens and {new_tokens} more are generated, past the models' context of "
+                f"{limit} positions (max_position_embeddings). Set max_prompt_length <= {limit - new_tokens} or lower "
+                "generation_config.max_new_tokens.")
+    return None
+
+
+def room_needed(args) -> int:
+    """Completion tokens the context must hold beyond the prompt: max_new_tokens when generating, else one."""
+    return args.generation_config.max_new_tokens if generates(args) or args.eval_generation else 1
+
+
+def unreadable_ids(args, student, teacher, tokenizer) -> list[int]:
+    """Ids that generation must not produce because a model that reads the completions cannot embed them.
+
+    The student trains on every completion and the teacher scores it (unless it re-tokenizes the text, with
+    ``teacher_tokenizer``). With one tokenizer and embeddings padded to different sizes (Qwen2.5: 151,936 vs
+    152,064 rows for 151,665 tokens), the ids past the smaller model's rows are padding, never a token: they are
+    suppressed. When the tokenizer's own tokens do not fit, the pair is refused."""
+    if teacher is None:
+        return []
+    if args.teacher_tokenizer is not None:
+        if args.seq_kd:
+            raise InputError("seq_kd=True makes the teacher generate from the student's token ids, but with "
+                             "teacher_tokenizer the teacher reads its own tokenization. Set seq_kd=False (on-policy "
+                             "lmbda works across tokenizers), or use a teacher with the student's tokenizer.")
+        return []  # the teacher scores its own tokenization of the completions' text
+    size = lambda m: m.config.get_text_config().vocab_size  # noqa: E731 - output ids a model generates
+    rows = {name: embedding_rows(m) or size(m) for name, m in (("student", student), ("teacher", teacher))}
+    reader = min(rows, key=rows.get)  # the model that embeds the fewest ids
+    outputs = max(size(student), size(teacher))
+    if outputs <= rows[reader]:
+        return []
+    tokens = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if tokens is None or tokens > rows[reader]:
+        have = f"the tokenizer has {tokens} tokens" if tokens is not None else "the tokenizer is unknown"
+        raise InputError(
+            f"the {reader} embeds {rows[reader]} token ids but {have} and the models generate up to {outputs} ids: "
+            f"the {reader} cannot read every token of the generated completions. Use a teacher with the student's "
+            "tokenizer (or set teacher_tokenizer=<the teacher's tokenizer> to distil across tokenizers, see "
+            "docs/cross-tokenizer.md), and pass processing_class=<the student's tokenizer>."
+        )
+    logger.info("Generation never produces ids %d..%d: the %s cannot embed them (padding past the tokenizer's %d "
+                "tokens).", rows[reader], outputs - 1, reader, tokens)
+    return list(range(rows[reader], outputs))
 
 
 def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
@@ -191,7 +277,9 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
     tokenizer = getattr(kwargs.get("processing_class"), "tokenizer", kwargs.get("processing_class"))
     if tokenizer is not None and tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise InputError("the tokenizer has no pad token and no EOS token to pad with; set tokenizer.pad_token.")
+            raise InputError("the tokenizer has no pad token and no EOS token to pad with, so prompts and completions "
+                             "cannot be batched. Set tokenizer.pad_token to a token it already has (e.g. "
+                             "tokenizer.pad_token = tokenizer.unk_token), or give it an EOS token.")
         logger.warning("The tokenizer has no pad token; padding with its EOS token %r.", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     if prompt_data and kwargs.get("data_collator") is None:
@@ -199,23 +287,22 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
             raise InputError("prompt-completion data is tokenized by the collator: pass processing_class=tokenizer "
                              "(or a data_collator such as hf_kd.PromptCollator).")
         kwargs["data_collator"] = prompts.PromptCollator(tokenizer, task == "seq2seq_lm", args.max_prompt_length)
-    if teacher is not None:
-        s_vocab = student.config.get_text_config().vocab_size
-        t_vocab = teacher.config.get_text_config().vocab_size
-        if t_vocab < s_vocab:
-            raise InputError(
-                f"the teacher's vocabulary ({t_vocab} ids) is smaller than the student's ({s_vocab}): the teacher "
-                "cannot score every token the student generates. Use a teacher with the student's tokenizer."
-            )
+    suppressed = unreadable_ids(args, student, teacher, tokenizer) if generates(args) or args.eval_generation else []
+    models = [m for m in (student, teacher) if m is not None]
+    limit = min((c for c in map(context_limit, models) if c), default=None)
+    problem = context_problem(args.max_prompt_length or 0, room_needed(args), limit, task == "seq2seq_lm",
+                              f"max_prompt_length={args.max_prompt_length} lets a prompt have")
+    if problem:
+        raise InputError(problem)
     eval_dataset = kwargs.get("eval_dataset")
     if args.eval_generation and eval_dataset is not None and not isinstance(eval_dataset, dict) \
             and not prompts.is_prompt_data(eval_dataset):
         raise InputError("eval_generation=True generates completions for the evaluation prompts, but eval_dataset has "
                          "no prompt/completion (or messages) rows; give it prompt rows, or set eval_generation=False.")
     for d in datasets:
-        check_prompts(d, kwargs.get("data_collator"), args, task, [m for m in (student, teacher) if m is not None],
+        check_prompts(d, kwargs.get("data_collator"), args, task, models,
                       args.lmbda < 1 and not args.seq_kd and d is kwargs.get("train_dataset"))
-    return Rollout(args, task, tokenizer, student)
+    return Rollout(args, task, tokenizer, student, suppressed)
 
 
 def backend_problems(backend, args) -> list[str]:
@@ -229,24 +316,23 @@ def backend_problems(backend, args) -> list[str]:
 
 def check_prompts(dataset, collator, args, task: str, models: list, needs_completions: bool, rows: int = 100) -> None:
     """The first `rows` rows: a chat template for chat rows, completions where the dataset must give them, and room
-    in the models' context for the prompt and max_new_tokens."""
+    in the models' context for the prompt and max_new_tokens (`context_problem`; `Rollout.generate` refuses a longer
+    prompt met later)."""
     row = prompts.first_row(dataset)
     if row is None or not prompts.is_prompt_data(dataset):
         return
     tokenizer = getattr(collator, "tokenizer", None)
-    if prompts.is_chat(row) and getattr(tokenizer, "chat_template", None) is None:
-        raise InputError("the data holds chat messages but the tokenizer has no chat template; set "
-                         "tokenizer.chat_template, or give prompt/completion text columns.")
+    if prompts.is_chat(row) and tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+        raise InputError("the data holds chat messages but the tokenizer has no chat template to render them; set "
+                         "tokenizer.chat_template (e.g. from the instruct model's tokenizer), or give "
+                         "prompt/completion text columns.")
     if needs_completions and not ("completion" in row or "messages" in row or "completion_input_ids" in row):
         raise InputError("the training data has prompts without completions, but lmbda < 1 and seq_kd=False train "
                          "some steps on the dataset's completions. Set lmbda=1 or seq_kd=True, or add completions.")
-    if not isinstance(collator, prompts.PromptCollator) or task != "causal_lm":
+    if not isinstance(collator, prompts.PromptCollator):
         return
     longest = max(len(collator.encode(dataset[i])[0]) for i in range(min(rows, len(dataset))))
     limit = min((c for c in map(context_limit, models) if c), default=None)
-    room = args.generation_config.max_new_tokens if generates(args) or args.eval_generation else 1
-    if limit is not None and longest + room > limit:
-        raise InputError(
-            f"a prompt has {longest} tokens and {room} more are generated, past the models' context of {limit} "
-            f"positions. Set max_prompt_length <= {max(limit - room, 1)} or lower generation_config.max_new_tokens."
-        )
+    problem = context_problem(longest, room_needed(args), limit, task == "seq2seq_lm")
+    if problem:
+        raise InputError(problem)
