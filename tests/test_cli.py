@@ -159,6 +159,19 @@ def test_cli_end_to_end_saves_the_student_alone(tiny_recipe):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_cli_distills_a_student_pruned_from_the_teacher(tiny_recipe):
+    """Regression: the start-up check knew student_model_name_or_path/student_layers/student_config only and
+    refused a recipe's `student_prune` with "no student" (scripts/pruning_quality.py died on it)."""
+    path, tmp, teacher = tiny_recipe
+    prune = json.dumps({"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16, "layers": 2})
+    assert main(["distill", "--config", str(path), "--student_layers", "null", "--student_prune", prune,
+                 "--baseline", "false", "--report", "false"]) == 0
+    saved = json.loads((tmp / "out" / "config.json").read_text())
+    assert (saved["hidden_size"], saved["num_attention_heads"], saved["intermediate_size"],
+            saved["num_hidden_layers"]) == (8, 2, 16, 2)
+    assert teacher.config.hidden_size == 16  # narrower than the teacher: the hidden loss went through projections
+
+
 def test_cli_refuses_an_output_dir_that_holds_a_run(tiny_recipe):
     path, tmp, _ = tiny_recipe
     (tmp / "out").mkdir()

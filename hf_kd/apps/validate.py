@@ -147,12 +147,13 @@ def model_problems(model_args, command: str = "distill", cache_hidden: bool = Fa
         problems += folder_problems("student_model_name_or_path", student, needs_tokenizer=False)
     if not any("not readable JSON" in p for p in problems):  # paths, the teacher's head, the two tokenizers
         problems += _collect(check_model_paths, model_args)  # (stops at its first problem)
-    chosen = [n for n in ("student_model_name_or_path", "student_layers", "student_config") if getattr(model_args, n)]
+    chosen = [n for n in ("student_model_name_or_path", "student_layers", "student_config", "student_prune")
+              if getattr(model_args, n)]
     if len(chosen) > 1:
         problems.append(f"give one student, not {' and '.join(chosen)}; unset the other with --{chosen[-1]} null.")
     elif not chosen and (command == "distill" or cache_hidden):
-        problems.append("no student: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3) or "
-                        "student_config.")
+        problems.append("no student: give student_model_name_or_path, student_layers (e.g. [1,3,5] or 3), "
+                        "student_config or student_prune.")
     if model_args.student_layers and teacher is not None and not problems:
         try:
             problems += layers_problems(model_args.student_layers, teacher, "student_layers")
