@@ -4,33 +4,29 @@ The trainer is wiring. Each concern is a collaborator of `hf_kd.distill`, built 
 models: the start-up checks (`checks`), the loss plan of terms and layer pairs (`plan`), the teachers
 (`teacher_set`), the width projections (`projections`), the chunked route through the output layers
 (`head_route`), the objective that turns outputs into weighted terms (`objective`, over the pure losses of
-`hf_kd.losses`), the run record behind checkpoints and provenance (`record`, `checkpoint`) and the model
-card's measurements (`card`).
+`hf_kd.losses`), the run record behind checkpoints and provenance (`record`, `checkpoint`), the model card's
+evaluations and measurements (`card`), the saves, card and pushes of the student (`publish`), the students of
+``model_init`` and the trial's plan for ``hyperparameter_search`` (`search_support`) and the generation metrics
+(`generation_eval`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 from transformers import Trainer
-from transformers.trainer_utils import HubStrategy, number_of_arguments
-from transformers.utils.hub import PushInProgress
 
-from . import adapters, distributed, hub, prompts, relations, teacher_cache
+from . import distributed, hub, prompts, relations, teacher_cache
 from .config import DistillationConfig
-from .distill import card, checks, generation_eval, nonfinite, publish, rollout
+from .distill import card, checks, generation_eval, nonfinite, publish, rollout, search_support
 from .distill.checkpoint import Checkpoints, check_finite_weights, write_signature
 from .distill.head_route import HeadRoute, logit_chunk_size
 from .distill.objective import Meter, Objective
-from .distill.plan import build_plan
 from .distill.projections import build_projections, load_projections, save_projections
-from .distill.record import RunRecord, length
+from .distill.record import RunRecord
 from .distill.targets import logit_targets, split_inputs, takes_use_cache, window_counts
 from .errors import InputError
-from .search import distillation_hp_space
 from .tasks import detect_task, token_mask, unwrap
 
 __all__ = ["DistillationTrainer"]
@@ -53,7 +49,8 @@ class DistillationTrainer(Trainer):
     The teacher is frozen, kept in eval mode, runs without autograd on the student's device, is never
     given to the optimizer and never saved. Each loss component, unweighted, is logged with `loss`.
     Public collaborators: ``plan`` (terms and layer pairs), ``teacher_set``, ``projections``, ``head_route``,
-    ``loss_objective``, ``meter`` (the components summed since the last log), ``record`` (the run record).
+    ``loss_objective``, ``meter`` (the components summed since the last log), ``record`` (the run record),
+    ``evaluations`` (the card's), ``publisher`` (saves, card, pushes), ``students`` (``model_init``'s).
     """
 
     #: What the trainer cannot know about the run (command, dataset, split, student initialisation...),
@@ -64,8 +61,8 @@ class DistillationTrainer(Trainer):
                  **kwargs):
         checks.check_arguments(model, teacher_model, args, kwargs)
         model_init = kwargs.pop("model_init", None)
-        if model_init is not None:  # the start-up checks run on a first student from model_init
-            model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
+        self.students = search_support.Students(model_init)  # with model_init, the checks run on its first student
+        model = model if model_init is None else self.students.first
         checks.check_launch(args.world_size)  # everything is checked before Trainer.__init__ creates output_dir
         sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
         failure = None
@@ -80,10 +77,9 @@ class DistillationTrainer(Trainer):
             failure = err
         checks.fail_together(failure, args.world_size)
         self._build_run(unwrap(model), args)
-        self._evaluating_teacher = False
-        self._latency = card.Latency()  # measured once per step for the card
+        self.publisher = publish.Publisher(self)  # the student's saves, card and pushes
         self.checkpoints = Checkpoints(args, len(self.projections) > 0, lambda: self.accelerator.wait_for_everyone())
-        self._first_student = model if model_init is not None else None  # what Trainer's own model_init call returns
+        self.students.first = model if model_init is not None else None  # prepared: Trainer's first call_model_init
 
         super().__init__(model=None if model_init is not None else model, model_init=model_init, args=args, **kwargs)
 
@@ -104,7 +100,7 @@ class DistillationTrainer(Trainer):
         self.meter, self.skipped_steps = Meter(), []  # skipped: (step, components) dropped by nonfinite_loss="skip"
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._projections_in_optimizer = False
-        self._evaluations: dict[str, tuple[int, str, dict]] = {}
+        self.evaluations = card.Evaluations()  # student's and teacher's, for the card
         self._use_cache_arg: bool | None = None
 
     def _build_loss(self, student) -> None:
@@ -120,32 +116,25 @@ class DistillationTrainer(Trainer):
     def call_model_init(self, trial=None):
         """A fresh student from ``model_init`` (prepared as ``model`` would be); the first call returns the student
         the start-up checks ran on."""
-        first, self._first_student = self._first_student, None
-        if first is not None:
-            return first
-        return checks.prepare_student(super().call_model_init(trial), self.args, self.task)
+        return self.students.next(super().call_model_init, trial, self.args, self.task)
 
     def _hp_search_setup(self, trial) -> None:
         """After Trainer sets a trial's settings on ``args``: with ``model_init``, ``train`` made a new student, so the
         loss plan, fresh projections, the record and the objective are built again for it and for these settings."""
         super()._hp_search_setup(trial)
-        if self.model_init is None:
-            return
-        if self.teacher is None:
-            raise InputError("model_init / hyperparameter_search needs a live teacher (the loss plan is rebuilt for "
-                             "each student); a teacher_cache holds one plan's outputs. Pass teacher_model.")
-        student = self._student()
-        self.plan = build_plan(student, unwrap(self.teacher), self.args, self.task)
-        self._build_run(student, self.args)
-        self._build_loss(student)
+        if self.model_init is not None:
+            student = self._student()
+            self.plan = search_support.trial_plan(student, self.teacher, self.args, self.task)
+            self._build_run(student, self.args)
+            self._build_loss(student)
 
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
                               backend=None, hp_name=None, **kwargs):
         """Trainer's search, by default over the distillation settings (`hf_kd.search.distillation_hp_space`:
         temperature, alpha and the weights of the terms in use) rather than Trainer's learning rate and epochs.
         Needs ``model_init`` (a fresh student per trial) and optuna (``pip install hf_kd[search]``)."""
-        space = hp_space or distillation_hp_space(self.args)
-        return super().hyperparameter_search(space, compute_objective, n_trials, direction, backend, hp_name, **kwargs)
+        return super().hyperparameter_search(search_support.search_space(hp_space, self.args), compute_objective,
+                                             n_trials, direction, backend, hp_name, **kwargs)
 
     @property
     def teacher(self):
@@ -315,52 +304,34 @@ class DistillationTrainer(Trainer):
                     logs[name] = self._scheduled(name, self.state.global_step - 1)
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ evaluation and publishing (hf_kd.hub)
+    # ------------------------------------------------------------------ evaluation, and publishing (distill.publish)
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        generation = self.args.eval_generation and not self._evaluating_teacher
-        compute_metrics, self.compute_metrics = self.compute_metrics, None if generation else self.compute_metrics
-        try:  # with eval_generation, compute_metrics receives the generated texts (hf_kd.distill.generation_eval)
+        generation = self.args.eval_generation and not self.evaluations.teacher
+        with generation_eval.metrics_on_texts(self, generation):  # compute_metrics receives the generated texts
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self.compute_metrics = compute_metrics
         if generation:
             metrics.update(self.evaluate_generation(eval_dataset, metric_key_prefix))
         if eval_dataset is None and self.eval_dataset is not None and not isinstance(self.eval_dataset, dict):
-            # Results on the trainer's own evaluation split are the ones the model card reports.
-            role = "teacher" if self._evaluating_teacher else "student"
-            self._evaluations[role] = (self.state.global_step, metric_key_prefix, dict(metrics))
+            self.evaluations.record(self.state.global_step, metric_key_prefix, metrics)  # the model card's
         return metrics
 
     def recorded_evaluation(self, role: str = "student") -> tuple[int, str, dict] | None:
         """The last evaluation of `role` ("student" or "teacher") on the trainer's eval_dataset, as
         ``(global_step, metric_key_prefix, metrics)``, or None."""
-        return self._evaluations.get(role)
+        return self.evaluations.records.get(role)
 
     def evaluate_teacher(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "teacher_eval"):
         """The teacher's metrics through the student's evaluation loop: same data, collator, batches, `compute_metrics`;
         `evaluate`'s dict with keys ``teacher_eval_*``, logged like the student's."""
-        if self.teacher_set.reads_student_batches is None:
-            raise InputError(
-                f"there is no teacher to evaluate on the student's batches: this trainer reads its targets from "
-                f"teacher_cache={self.args.teacher_cache} or the teacher has its own tokenizer (teacher_tokenizer="
-                f"{self.args.teacher_tokenizer}). Evaluate the teacher on its own data with transformers.Trainer."
-            )
-        self._evaluating_teacher = True
-        try:
+        with self.evaluations.of_teacher(self.teacher_set.reads_student_batches, self.args):
             return self.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._evaluating_teacher = False
 
     def evaluate_generation(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The generation metrics of `hf_kd.distill.generation_eval` on the evaluation prompts, logged."""
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        several = self.args.world_size > 1
-        metrics, texts = generation_eval.evaluate_generation(
+        metrics = generation_eval.prefixed_metrics(
             self.rollout, self.task, self._student(), unwrap(self.teacher), self.get_eval_dataloader(eval_dataset),
-            tokenizer, self.accelerator.reduce if several else None, gather_object if several else None)
-        if self.compute_metrics is not None and texts is not None:
-            metrics.update(self.compute_metrics(texts))
-        metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+            self.processing_class, self.accelerator if self.args.world_size > 1 else None, self.compute_metrics,
+            metric_key_prefix)
         self.log(metrics)
         return metrics
 
@@ -369,29 +340,13 @@ class DistillationTrainer(Trainer):
             if "completion_input_ids" not in inputs:
                 return None, None, None
             inputs = self.rollout.dataset_batch(inputs)
-        if self._evaluating_teacher:
+        if self.evaluations.teacher:
             model = self.teacher_set.runners[0]
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if self.args.should_save:  # every save, checkpoints too: what made these weights
-            hub.write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._provenance())
-
-    @contextlib.contextmanager
-    def _student_as_saved(self, final: bool):
-        """``merge_adapter_on_save``: during a final save (not a checkpoint), ``self.model`` is a copy of the PEFT
-        student with its adapter merged, so the folder holds a plain Transformers model; training is unaffected."""
-        student = self.accelerator.unwrap_model(self.model)
-        if not publish.merges_adapter(final, self.args, student, self.backend):
-            yield
-            return
-        self._evaluate_for_card()  # on the student being trained; the merged copy computes the same function
-        model, self.model = self.model, adapters.merged_copy(student)
-        try:
-            yield
-        finally:
-            self.model = model
+        self.publisher.write_provenance(output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (config, safetensors, tokenizer) with its provenance, and, when called by the user
@@ -402,18 +357,7 @@ class DistillationTrainer(Trainer):
         With ``push_to_hub`` the folder is then pushed, as Trainer does. Call it on every process, as Trainer
         asks (evaluation is collective); only the main process writes.
         """
-        target = output_dir if output_dir is not None else self.args.output_dir
-        # Written aside and renamed at the end: no half-written weights under the final names.
-        with self.checkpoints.saving(target) as folder:
-            with self._student_as_saved(final=not _internal_call):
-                super().save_model(folder, _internal_call=True)
-                if not _internal_call:
-                    self._evaluate_for_card()
-                    if self.args.should_save:  # the card names the model after the folder it ends in
-                        self._write_card(folder, model_name=(self.card_info or hub.CardInfo()).model_name
-                                         or Path(target).absolute().name)
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        self.publisher.save_model(output_dir, _internal_call, super().save_model)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, output_dir: str | None = None):
@@ -423,12 +367,8 @@ class DistillationTrainer(Trainer):
         ``dataset_tags`` and ``dataset_args`` are not used: the task comes from the model. Uses the
         evaluations already run (see `save_model`), so it may be called on the main process alone.
         """
-        if not self.is_world_process_zero():
-            return
-        dataset = (dataset[0] if dataset else None) if isinstance(dataset, (list, tuple)) else dataset
-        self._write_card(output_dir if output_dir is not None else self.args.output_dir, language=language,
-                         license=license, tags=[tags] if isinstance(tags, str) else tags, model_name=model_name,
-                         base_model=finetuned_from, dataset=dataset)
+        self.publisher.create_model_card(output_dir, tags, dataset, finetuned_from, language=language,
+                                         license=license, model_name=model_name)
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
                     revision=None, private=None, **kwargs):
@@ -439,91 +379,10 @@ class DistillationTrainer(Trainer):
         and ``hf-kd push --model OUTPUT_DIR --repo_id NAME`` publishes it later. ``kwargs`` go to
         `create_model_card`.
         """
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        model_name = kwargs.pop("model_name", None) or repo_id.split("/")[-1]
-        kwargs["tags"] = publish.merge_tags(kwargs.get("tags"), getattr(unwrap(self.model), "model_tags", None))
-        # Everything is on disk before the Hub is contacted: a failed push loses nothing.
-        with self._student_as_saved(final=True):
-            self.save_model(_internal_call=True)
-            self._evaluate_for_card()
-            if not self.is_world_process_zero():
-                return None
-            self.create_model_card(model_name=model_name, **kwargs)
-        self._finish_current_push()
-        return hub.push_student(
-            self.args.output_dir, repo_id,
-            create_repo=self.hub_model_id is None,  # else init_hf_repo made it
-            token=token if token is not None else self.args.hub_token,
-            private=private if private is not None else self.args.hub_private_repo,
-            revision=revision if revision is not None else self.args.hub_revision,
-            commit_message=commit_message or "Upload a student distilled with hf_kd", run_as_future=not blocking,
-        )
+        return self.publisher.push_to_hub(commit_message, blocking, token, revision, private, kwargs)
 
     def init_hf_repo(self, token=None, private=None) -> None:
-        publish.check_hub_strategy(self.args.hub_strategy)
-        try:
-            # `private` only when given: Trainer.init_hf_repo of transformers 5.17 and older takes no such argument
-            super().init_hf_repo(token=token, **({} if private is None else {"private": private}))
-        except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear message
-            raise publish.repo_creation_error(err, self.args.hub_model_id, self.args.output_dir) from err
+        self.publisher.init_repo(super().init_hf_repo, token, private)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Trainer's push at each save (hub_strategy every_save), limited to the student's files."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
-            return
-        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
-            return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        publish.copy_publishable(checkpoint_folder, self.args.output_dir)
-        repo_id = self.hub_model_id or self.args.hub_model_id
-        self._write_card(self.args.output_dir, measure=False, model_name=repo_id.split("/")[-1] if repo_id else None)
-        job = hub.push_student(self.args.output_dir, repo_id, token=self.args.hub_token, revision=self.args.hub_revision,
-                               commit_message=publish.progress_message(self.args, self.state), create_repo=False,
-                               run_as_future=True)
-        if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress([job])
-        else:
-            self.push_in_progress.jobs.append(job)
-
-    # ---------------------------------------------------- the record behind provenance and card
-    def _evaluate_for_card(self) -> None:
-        """Evaluate student (at this step) and teacher (once) on eval_dataset, unless already done. All processes."""
-        info = self.card_info or hub.CardInfo()
-        if not info.evaluate or self.eval_dataset is None or isinstance(self.eval_dataset, dict):
-            return
-        student = self._evaluations.get("student")
-        if student is None or student[0] != self.state.global_step:
-            self.evaluate()
-        if "teacher" not in self._evaluations and self.teacher_set.reads_student_batches is not None:  # frozen: one evaluation serves all
-            self.evaluate_teacher()
-
-    def _provenance(self, overrides: dict | None = None) -> dict:
-        return self.record.provenance(
-            wrapped=self.accelerator.unwrap_model(self.model), student=self._student(),
-            info=self.card_info or hub.CardInfo(), overrides=overrides or {}, state=self.state,
-            datasets=(self.train_dataset, self.eval_dataset),
-        )
-
-    def _latency_batch(self) -> dict | None:
-        """One evaluation batch (training rows when there is no eval_dataset), collated and on the device."""
-        dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
-        dataset = dataset if dataset is not None else self.train_dataset
-        n = min(self.args.eval_batch_size, length(dataset) or 0)
-        if n == 0:
-            return None
-        collate = self._get_collator_with_removed_columns(self.data_collator, "latency")
-        batch = self._prepare_inputs(collate([dataset[i] for i in range(n)]))
-        batch = self.rollout.model_batch(batch) if self.rollout is not None and self.rollout.applies(batch) else batch
-        return {k: v for k, v in split_inputs(self.task, batch, unwrap(self.model)).items() if torch.is_tensor(v)}
-
-    def _write_card(self, folder, measure: bool = True, **overrides) -> None:
-        """Write the full record to the provenance file and render the model card from it (main process)."""
-        timed = None
-        # Models split over the processes cannot run a forward pass on the main process alone (the others would
-        # never join), so their latency is not measured.
-        if measure and (self.card_info or hub.CardInfo()).measure_latency and not self.backend.shards_models:
-            timed = self._latency.measure(self.state.global_step, self._latency_batch,
-                                          {"student": self._student(), "teacher": self.teacher_set.reads_student_batches})
-        card.write_card(folder, self._provenance(overrides), self._evaluations, self.state.global_step,
-                        length(self.eval_dataset), self._student(), self.teacher_set, self.args.device, timed)
+        self.publisher.push_checkpoint(checkpoint_folder)

@@ -1,4 +1,4 @@
-"""hf_kd.distill.card and publish: the card's evaluation and measurements, the Hub rules."""
+"""hf_kd.distill.card and publish: the card's evaluations and measurements, the Hub rules."""
 
 from types import SimpleNamespace
 
@@ -6,8 +6,8 @@ import pytest
 from transformers.trainer_utils import HubStrategy
 
 from conftest import make_bert, random_batch
-from hf_kd import PushError
-from hf_kd.distill.card import Latency, card_evaluation, measurements
+from hf_kd import InputError, PushError
+from hf_kd.distill.card import Evaluations, Latency, card_evaluation, measurements
 from hf_kd.distill.publish import check_hub_strategy, merge_tags, progress_message
 from hf_kd.distill.teacher_set import TeacherSet
 
@@ -20,6 +20,26 @@ def test_an_older_student_evaluation_is_not_the_cards():
     later = card_evaluation(evaluations, 5, "test", 10)
     assert "student" not in later and later["teacher"]["accuracy"] == 0.9
     assert card_evaluation({}, 5, "test", 10) is None
+
+
+def test_an_evaluation_is_recorded_under_the_role_being_evaluated():
+    evaluations, teacher = Evaluations(), make_bert(layers=1)
+    evaluations.record(2, "eval", {"eval_loss": 0.5})
+    with evaluations.of_teacher(teacher, SimpleNamespace()):
+        evaluations.record(2, "teacher_eval", {"teacher_eval_loss": 0.3})
+    assert evaluations.records == {"student": (2, "eval", {"eval_loss": 0.5}),
+                                   "teacher": (2, "teacher_eval", {"teacher_eval_loss": 0.3})}
+    with pytest.raises(RuntimeError), evaluations.of_teacher(teacher, SimpleNamespace()):
+        raise RuntimeError("an evaluation that fails")
+    assert evaluations.teacher is False  # the next evaluation is the student's again
+
+
+def test_no_teacher_that_reads_the_student_batches_is_refused_with_the_settings_named():
+    evaluations = Evaluations()
+    with pytest.raises(InputError, match="teacher_cache=/cache .*teacher_tokenizer=None"):
+        with evaluations.of_teacher(None, SimpleNamespace(teacher_cache="/cache", teacher_tokenizer=None)):
+            pass
+    assert evaluations.teacher is False and evaluations.records == {}
 
 
 def test_latency_is_measured_once_a_step(tmp_path):

@@ -1,15 +1,18 @@
 """What the model card adds to the run record: the evaluations of student and teacher, sizes and latencies.
 
-Pure helpers over values: the trainer gives them its recorded evaluations, its models and one collated batch.
+Helpers over values: the trainer gives them its recorded evaluations (`Evaluations`), its models and one collated
+batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from .. import hub
+from ..errors import InputError
 from ..measure import count_parameters, measure_latency_ms, size_on_disk_mb
 from .teacher_set import TeacherSet
 
@@ -37,6 +40,35 @@ def latencies(models: dict, batch: dict) -> tuple[list[int], dict]:
         for role, model in models.items() if model is not None
     }
     return sizes, timings
+
+
+class Evaluations:
+    """The last evaluation of each role ("student", "teacher") on the trainer's own evaluation split, as
+    ``(global_step, metric_key_prefix, metrics)``: the ones the model card reports; `teacher`: whether the
+    evaluation running now is the teacher's."""
+
+    def __init__(self):
+        self.records: dict[str, tuple[int, str, dict]] = {}
+        self.teacher = False
+
+    def record(self, step: int, prefix: str, metrics: dict) -> None:
+        self.records["teacher" if self.teacher else "student"] = (step, prefix, dict(metrics))
+
+    @contextlib.contextmanager
+    def of_teacher(self, teacher, args):
+        """An evaluation of `teacher` (`TeacherSet.reads_student_batches`) through the student's loop; refused
+        when there is none that reads the student's batches."""
+        if teacher is None:
+            raise InputError(
+                f"there is no teacher to evaluate on the student's batches: this trainer reads its targets from "
+                f"teacher_cache={args.teacher_cache} or the teacher has its own tokenizer (teacher_tokenizer="
+                f"{args.teacher_tokenizer}). Evaluate the teacher on its own data with transformers.Trainer."
+            )
+        self.teacher = True
+        try:
+            yield
+        finally:
+            self.teacher = False
 
 
 class Latency:

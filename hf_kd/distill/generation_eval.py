@@ -19,9 +19,11 @@ dataset's completions as references, the prompts) and returns more metrics, e.g.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 
 from ..prompts import first_eos_mask
 from .rollout import Rollout, generation_mode
@@ -106,3 +108,28 @@ def evaluate_generation(rollout: Rollout, task: str, student, teacher, batches, 
                                decode(prompt_rows))
     return metrics, texts
 
+
+
+def prefixed_metrics(rollout: Rollout, task: str, student, teacher, batches, processing_class, accelerator,
+                     compute_metrics, prefix: str) -> dict[str, float]:
+    """The trainer's ``evaluate_generation``: the metrics over every process (`accelerator` when there are several,
+    else None), then ``compute_metrics``'s on the texts, each key under the evaluation `prefix` (``eval_gen_*``)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    several = accelerator is not None
+    metrics, texts = evaluate_generation(rollout, task, student, teacher, batches, tokenizer,
+                                         accelerator.reduce if several else None, gather_object if several else None)
+    if compute_metrics is not None and texts is not None:
+        metrics.update(compute_metrics(texts))
+    return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+@contextlib.contextmanager
+def metrics_on_texts(trainer, generation: bool):
+    """With generation (``eval_generation``), the trainer's ``compute_metrics`` is kept from its evaluation loop's
+    logits: it receives the generated texts instead (`prefixed_metrics`)."""
+    compute_metrics = trainer.compute_metrics
+    trainer.compute_metrics = None if generation else compute_metrics
+    try:
+        yield
+    finally:
+        trainer.compute_metrics = compute_metrics
