@@ -7,7 +7,7 @@ from transformers import BertForQuestionAnswering, BertForTokenClassification
 from xtok_tokenizers import SENTENCES, byte_bpe, wordpiece
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.distill.cross_tokenizer import spans
+from hf_kd.distill.cross_tokenizer import spans, token_ends
 from hf_kd.errors import InputError
 
 
@@ -132,11 +132,28 @@ def test_refusals_across_tokenizers(tmp_path, toks):
                             args=make_args(tmp_path, teacher_tokenizer="/nowhere"))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
                                   args=make_args(tmp_path, teacher_tokenizer="wp"))
-    ids = torch.tensor([[bpe.convert_tokens_to_ids(t) for t in ("t", "h", "e")]])  # BPE merges these: not lossless
-    with pytest.raises(InputError, match=r"do not survive decoding"):
-        trainer.teacher_set.vocab.teacher_inputs({"input_ids": ids})
     with pytest.raises(InputError, match=r"no teacher to evaluate on the student.s batches"):
         trainer.evaluate_teacher()
+
+
+def test_a_tokenization_the_tokenizer_would_not_make_is_aligned_by_decoding_prefixes(tmp_path, toks):
+    """Generated ids, or a prompt and its completion tokenized apart, need not be the tokenizer's own tokenization:
+    "t" "h" "e" where the BPE would write "the". The teacher reads the text; the spans end where both the student's
+    tokens and the teacher's end, as for the tokenizer's own tokenization of the text."""
+    bpe, wp = toks
+    student, teacher = make_llama(layers=1, vocab=len(bpe)), make_llama(layers=1, vocab=len(wp))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                  args=make_args(tmp_path, teacher_tokenizer="wp"))
+    cross, text = trainer.teacher_set.vocab.cross, "the film was great"
+    pieces = ["t", "h", "e"] + bpe.tokenize(" film was great")
+    assert bpe.tokenize(text) != pieces  # not the BPE's own tokenization
+    t_in = cross.teacher_inputs({"input_ids": torch.tensor([bpe.convert_tokens_to_ids(pieces)])})
+    assert torch.equal(t_in["input_ids"], wp([text], return_tensors="pt")["input_ids"])
+    row = cross.rows[0]
+    assert row.texts == [text] and row.s_offsets[0][:3] == [(0, 1), (1, 2), (2, 3)]
+    own = bpe(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    both = sorted(token_ends(own).keys() & token_ends(row.t_offsets[0]).keys())
+    assert [row.s_offsets[0][s[-1]][1] for s, _ in spans(row.s_offsets[0], row.t_offsets[0])] == both
 
 
 def test_left_padding_never_predicts_a_span(tmp_path, toks):

@@ -2,9 +2,12 @@
 
 The text the teacher reads is the student's ids decoded with the student's tokenizer, one text per run of
 content tokens between special tokens (a question and its context are two runs, given to the teacher as a
-pair). Decoding is checked to be lossless: the text must tokenize back to the same ids, or training stops
-with a message. No dataset column has to be kept, and generations of the student (ids only) work the same
-way. A student tokenizer that normalises (lowercasing, stripped accents) hands the teacher normalised text.
+pair). No dataset column has to be kept, and generations of the student (ids only) work the same way. The
+offsets of the student's tokens come from re-tokenizing the text when that gives the same ids back (the
+tokenizer's own tokenization, one call for the batch), else from decoding each prefix of the run
+(`decoded_offsets`: a generated completion, or a prompt and its completion tokenized apart, are tokenizations
+the tokenizer would not make itself). A student tokenizer that normalises (lowercasing, stripped accents) hands
+the teacher normalised text.
 
 Alignment is by character offsets into that text (fast tokenizers' ``offset_mapping``):
 
@@ -54,6 +57,21 @@ def spans(student_offsets, teacher_offsets) -> list[tuple[range, range]]:
         out.append((range(i0, i1 + 1), range(j0, j1 + 1)))
         i0, j0 = i1 + 1, j1 + 1
     return out
+
+
+def decoded_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Character offsets of each of `ids` in `text`, their decoding, found by decoding every prefix: for a
+    tokenization the tokenizer would not make itself. A token whose prefix does not decode to the start of `text`
+    (a byte of a character split into several byte tokens) shares the offsets of the token that completes it, as
+    a fast tokenizer's offset_mapping does."""
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], clean_up_tokenization_spaces=False)
+    out, start, pending = [], 0, 0
+    for prefix in prefixes:
+        pending += 1
+        if len(prefix) >= start and text.startswith(prefix):
+            out += [(start, len(prefix))] * pending
+            start, pending = len(prefix), 0
+    return out + [(start, len(text))] * pending  # only when the whole run does not decode to `text`
 
 
 def _owners(text: str, offsets) -> dict[int, int]:
@@ -131,8 +149,9 @@ class CrossTokenizer:
 
     # ------------------------------------------------------------------ the teacher's inputs
     def student_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> list[Row]:
-        """The texts of each student example (runs between special tokens) and the offsets of their tokens, checked to
-        decode losslessly; every run of the batch is re-tokenized in one call."""
+        """The texts of each student example (runs between special tokens) and the offsets of their tokens; every run
+        of the batch is re-tokenized in one call (`decoded_offsets` for the runs that do not tokenize back to their
+        ids)."""
         rows, runs = [], []  # runs: (row, positions, ids)
         for b, (row_ids, row_mask) in enumerate(zip(ids.tolist(), mask.tolist())):
             found, run = [], []
@@ -150,16 +169,11 @@ class CrossTokenizer:
         texts = self.s_tok.batch_decode([content for _, _, content in runs], clean_up_tokenization_spaces=False)
         encs = self.s_tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
         for k, ((b, positions, content), text) in enumerate(zip(runs, texts)):
-            if encs["input_ids"][k] != content:
-                raise InputError(
-                    f"the student's tokens do not survive decoding: {text[:60]!r} tokenizes back to other ids with "
-                    f"{getattr(self.s_tok, 'name_or_path', 'the student tokenizer')!r}, so the teacher cannot be given "
-                    "the same text. Use a student tokenizer that decodes losslessly (byte-level BPE does), or "
-                    "tokenize the data without normalisation."
-                )
+            same = encs["input_ids"][k] == content
+            offsets = encs["offset_mapping"][k] if same else decoded_offsets(self.s_tok, content, text)
             rows[b].texts.append(text)
             rows[b].s_positions.append(positions)
-            rows[b].s_offsets.append([tuple(o) for o in encs["offset_mapping"][k]])
+            rows[b].s_offsets.append([tuple(o) for o in offsets])
         return rows
 
     def teacher_inputs(self, model_inputs: dict) -> dict:
