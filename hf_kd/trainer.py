@@ -75,7 +75,8 @@ class DistillationTrainer(Trainer):
             self.teacher_set, self.plan = checks.start(unwrap(model), sources, args, self.task, teacher_tokenizer,
                                                       kwargs.get("train_dataset"), kwargs.get("processing_class"))
             # prompt-completion data and generated completions (docs/generation.md); may default the collator
-            self.rollout = rollout.prepare(kwargs, args, self.task, unwrap(model), unwrap(self.teacher_set.first))
+            self.rollout = rollout.prepare(kwargs, args, self.task, unwrap(model), unwrap(self.teacher_set.first),
+                                           self.teacher_set.vocab.cross)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         checks.fail_together(failure, args.world_size)

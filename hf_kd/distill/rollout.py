@@ -32,6 +32,7 @@ import torch
 from .. import prompts
 from ..prompts import causal_batch, first_eos_mask, seq2seq_batch
 from ..errors import InputError
+from .cross_generation import TeacherWriter
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,14 @@ class Rollout:
         task: "causal_lm" or "seq2seq_lm".
         tokenizer: the student's tokenizer (pad and EOS ids; may be None when the model configs give them).
         student_model: the student (its generation_config and config give pad and EOS ids the tokenizer lacks).
+
+    ``teacher_writer``: with a teacher that has its own tokenizer and ``seq_kd``, a `TeacherWriter` (the teacher's
+    completions re-tokenized for the student), else None.
     """
 
     def __init__(self, args, task: str, tokenizer, student_model):
         self.args, self.task = args, task
+        self.teacher_writer = None  # set by `prepare` across tokenizers with seq_kd
         self.encoder_decoder = task == "seq2seq_lm"
         gen = copy.deepcopy(args.generation_config)
         defaults = getattr(student_model, "generation_config", None)
@@ -122,20 +127,24 @@ class Rollout:
         device = next(model.parameters()).device
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         ids, mask = concat_prompts(batches, self.pad_id, left=not self.encoder_decoder)
-        completions = self.generate(model, ids, mask)  # (N, L)
+        if source == "teacher" and self.teacher_writer is not None:  # written in the teacher's tokens, then the student's
+            completions, valid = self.teacher_writer.completions(
+                lambda m, i, a, config: self.generate(m, i, a, config=config), model, ids, mask)
+        else:
+            completions, valid = self.generate(model, ids, mask), None  # (N, L)
         out, start = [], 0
         for b in batches:
             n = b["prompt_input_ids"].shape[0]
-            c = completions[start: start + n]
+            c, kept = completions[start: start + n], None if valid is None else valid[start: start + n]
             p_ids, p_mask = ids[start: start + n], mask[start: start + n]
-            out.append(self.lm_batch(p_ids, p_mask, c, first_eos_mask(c, self.eos_ids)))
+            out.append(self.lm_batch(p_ids, p_mask, c, first_eos_mask(c, self.eos_ids, kept)))
             start += n
         return out
 
-    def generate(self, model, ids: torch.Tensor, mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    def generate(self, model, ids: torch.Tensor, mask: torch.Tensor, greedy: bool = False, config=None) -> torch.Tensor:
         """The generated completion ids (N, L) for left-padded (decoder-only) or right-padded prompts; `greedy`:
-        without sampling (evaluation), else with `generation_config`."""
-        config = self.greedy_config if greedy else self.generation_config
+        without sampling (evaluation), else with `generation_config` (or `config`, for a model with other ids)."""
+        config = config if config is not None else self.greedy_config if greedy else self.generation_config
         with generation_mode(model):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         # decoder-only: the prompt comes back first; encoder-decoder: the decoder's start token does
@@ -172,9 +181,11 @@ def context_limit(model) -> int | None:
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
-def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
+def prepare(kwargs: dict, args, task: str, student, teacher, cross=None) -> Rollout | None:
     """Start-up: refuse what generation cannot serve, default the collator of prompt-completion data, and return
-    the `Rollout` (None when neither the data nor the settings involve completions)."""
+    the `Rollout` (None when neither the data nor the settings involve completions). `cross`: the run's
+    `CrossTokenizer` when the teacher has its own tokenizer (the student's completions reach it as text; with
+    ``seq_kd`` it writes its own, `hf_kd.distill.cross_generation`)."""
     datasets = [kwargs.get("train_dataset"), kwargs.get("eval_dataset")]
     datasets = [d for d in datasets if d is not None and not isinstance(d, dict)]
     prompt_data = any(prompts.is_prompt_data(d) for d in datasets)
@@ -199,7 +210,11 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
             raise InputError("prompt-completion data is tokenized by the collator: pass processing_class=tokenizer "
                              "(or a data_collator such as hf_kd.PromptCollator).")
         kwargs["data_collator"] = prompts.PromptCollator(tokenizer, task == "seq2seq_lm", args.max_prompt_length)
-    if teacher is not None:
+    if cross is not None and args.eval_generation:
+        raise InputError("eval_generation scores the student's completions with the teacher on the student's tokens; "
+                         "a teacher with its own tokenizer (teacher_tokenizer) cannot read them. Set "
+                         "eval_generation=False.")
+    if teacher is not None and cross is None:  # across tokenizers the teacher reads text, not the student's ids
         s_vocab = student.config.get_text_config().vocab_size
         t_vocab = teacher.config.get_text_config().vocab_size
         if t_vocab < s_vocab:
@@ -215,7 +230,11 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
     for d in datasets:
         check_prompts(d, kwargs.get("data_collator"), args, task, [m for m in (student, teacher) if m is not None],
                       args.lmbda < 1 and not args.seq_kd and d is kwargs.get("train_dataset"))
-    return Rollout(args, task, tokenizer, student)
+    out = Rollout(args, task, tokenizer, student)
+    if cross is not None and args.seq_kd:
+        out.teacher_writer = TeacherWriter(cross.s_tok, cross.t_tok, teacher, out.generation_config, out.eos_ids[0],
+                                           out.pad_id)
+    return out
 
 
 def backend_problems(backend, args) -> list[str]:
