@@ -302,7 +302,8 @@ class DistillationTrainer(Trainer):
             class_mask = token_mask(inputs) if self.task == "question_answering" else None
             with t_cap, t_tap or contextlib.nullcontext():
                 t_out = self.teacher_set.forward(model_inputs, extra, self.accelerator.autocast(), kind=args.kd_loss,
-                                                 temperature=self._scheduled("temperature"), class_mask=class_mask)
+                                                 temperature=self._scheduled("temperature"), class_mask=class_mask,
+                                                 labels=inputs.get("labels"))
         return s_out, t_out, self.head_route.verified(s_tap, t_tap, s_out, t_out), captures
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

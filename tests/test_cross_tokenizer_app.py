@@ -38,8 +38,8 @@ def recorded(monkeypatch):
     seen = {"distil": [], "finetune": []}
     original = CrossTokenizer.teacher_inputs
 
-    def teacher_inputs(self, model_inputs):
-        out = original(self, model_inputs)
+    def teacher_inputs(self, model_inputs, labels=None):
+        out = original(self, model_inputs, labels)
         seen["distil"].append(out["input_ids"].clone())
         return out
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_llama
 from datasets import Dataset
-from transformers import GenerationConfig
+from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 from xtok_tokenizers import SENTENCES, byte_bpe, wordpiece
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
@@ -47,8 +47,8 @@ def recorded(monkeypatch):
     seen = {"student": [], "teacher": [], "generated": []}
     inputs, generate, window = CrossTokenizer.teacher_inputs, Rollout.generate, Rollout.window
 
-    def teacher_inputs(self, model_inputs):
-        out = inputs(self, model_inputs)
+    def teacher_inputs(self, model_inputs, labels=None):
+        out = inputs(self, model_inputs, labels)
         seen["teacher"].append(out["input_ids"].clone())
         return out
 
@@ -148,3 +148,34 @@ def test_teacher_writer_keeps_the_text_after_the_prompt_and_ends_where_the_teach
     assert [r[m.bool()].tolist() for r, m in zip(c_ids, c_mask)] == rows
     ids, config = seen[0]
     assert ids[:, -1].eq(wp.sep_token_id).all() and config.eos_token_id == writer.t_eos  # left-padded, its own EOS
+
+
+def test_seq_kd_with_encoder_decoders_across_tokenizers(tmp_path, toks, recorded):
+    """T5-style models: the teacher's completion (its decoder's output) is decoded alone and becomes the labels."""
+    bpe, wp = toks
+
+    def t5(vocab, layers, seed):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                                   num_heads=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
+                                                   decoder_start_token_id=0))
+
+    args = DistillationConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, alpha=1.0,
+                              save_strategy="no", per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                              generation_config={"max_new_tokens": 6}, disable_tqdm=True, seed=0,
+                              teacher_tokenizer="wp", seq_kd=True)
+    trainer = DistillationTrainer(model=t5(len(bpe), 1, 1), teacher_model=t5(len(wp), 1, 2), args=args,
+                                  train_dataset=Dataset.from_list(ROWS), processing_class=bpe, teacher_tokenizer=wp)
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    generated = [g for g in recorded["generated"] if g[0] is trainer.teacher]
+    writer, special = trainer.rollout.teacher_writer, set(bpe.all_special_ids)
+    assert len(generated) == 2 and writer.encoder_decoder
+    assert any((b["labels"] != -100).any() for b in recorded["student"])  # the teacher wrote something to learn
+    for (_, t_ids, _, written), batch in zip(generated, recorded["student"]):
+        sources = [bpe.decode(content(i, m, special)) for i, m in zip(batch["input_ids"], batch["attention_mask"])]
+        assert torch.equal(t_ids, wp(sources, padding=True, return_tensors="pt")["input_ids"])  # right-padded
+        for c, labels in zip(written.tolist(), batch["labels"]):
+            ends = [k for k, i in enumerate(c) if i in writer.t_eos]
+            text = wp.decode(c[: ends[0]] if ends else c, skip_special_tokens=True)
+            assert bpe.decode([i for i in labels.tolist() if i != -100 and i not in special]) == text

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import make_bert, make_llama
-from transformers import BertForQuestionAnswering, BertForTokenClassification
+from transformers import BertForQuestionAnswering, BertForTokenClassification, T5Config, T5ForConditionalGeneration
 from xtok_tokenizers import SENTENCES, byte_bpe, wordpiece
 
 from hf_kd import DistillationConfig, DistillationTrainer
@@ -205,3 +205,59 @@ def test_question_answering_across_tokenizers_gives_a_finite_loss_and_gradients(
     loss = trainer.compute_loss(student, dict(batch))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def make_t5(vocab: int, layers: int, seed: int):
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                               num_heads=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
+                                               decoder_start_token_id=0))
+
+
+def _seq2seq_batch(tok, sources, targets):
+    enc = tok(sources, padding=True, return_tensors="pt")
+    labels = tok(targets, padding=True, return_tensors="pt")
+    return {**enc, "labels": labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)}
+
+
+def test_seq2seq_with_identical_tokenizers_gives_the_plain_kl(tmp_path, toks):
+    bpe = toks[0]
+    student, teacher = make_t5(len(bpe), 1, seed=1), make_t5(len(bpe), 2, seed=2)
+    batch = _seq2seq_batch(bpe, [SENTENCES[i] for i in (0, 4, 5)], [SENTENCES[i] for i in (5, 0, 4)])
+    losses = []
+    for cross in (None, "same"):
+        args = make_args(tmp_path, alpha=0.6, temperature=1.5, teacher_tokenizer=cross, cross_tokenizer_loss="hybrid")
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=bpe,
+                                      teacher_tokenizer=bpe)
+        student.train()
+        losses.append(trainer.compute_loss(student, dict(batch)))
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["uld", "hybrid"])
+def test_seq2seq_across_tokenizers_reads_source_and_target_in_the_teachers_tokens(tmp_path, toks, loss):
+    bpe, wp = toks
+    student, teacher = make_t5(len(bpe), 1, seed=1), make_t5(len(wp), 1, seed=2)
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                  args=make_args(tmp_path, teacher_tokenizer="wp", cross_tokenizer_loss=loss))
+    sources, targets = SENTENCES[:3], [SENTENCES[i] for i in (5, 1, 4)]
+    student.train()
+    value = trainer.compute_loss(student, dict(_seq2seq_batch(bpe, sources, targets)))
+    value.backward()
+    assert torch.isfinite(value) and value > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert torch.equal(seen[0]["input_ids"], wp(sources, padding=True, return_tensors="pt")["input_ids"])
+    t_labels = wp(text_target=targets, padding=True, return_tensors="pt")
+    expected = teacher.prepare_decoder_input_ids_from_labels(
+        labels=t_labels["input_ids"].masked_fill(t_labels["attention_mask"] == 0, -100))
+    assert torch.equal(seen[0]["decoder_input_ids"], expected)
+    b, ps, pt = trainer.teacher_set.vocab.cross.span_rows()
+    assert len(b) > 0  # the rows compared are label positions in both, after the same target text
+    labels = _seq2seq_batch(bpe, sources, targets)["labels"]
+    for row, s, t in zip(b.tolist(), ps.tolist(), pt.tolist()):
+        s_text = bpe.decode(labels[row, :s].tolist())  # the target text both models read before the compared token
+        t_text = wp.decode(t_labels["input_ids"][row, :t].tolist(), skip_special_tokens=True)
+        normalized = wp.backend_tokenizer.normalizer.normalize_str(s_text)  # lowercased, accents stripped
+        assert t_text.replace(" ", "") == normalized.replace(" ", "")

@@ -233,7 +233,7 @@ def prepare(kwargs: dict, args, task: str, student, teacher, cross=None) -> Roll
     out = Rollout(args, task, tokenizer, student)
     if cross is not None and args.seq_kd:
         out.teacher_writer = TeacherWriter(cross.s_tok, cross.t_tok, teacher, out.generation_config, out.eos_ids[0],
-                                           out.pad_id)
+                                           out.pad_id, encoder_decoder=out.encoder_decoder)
     return out
 
 
