@@ -173,3 +173,42 @@ def test_causal_lm_across_tokenizers_through_hf_kd_distill(tmp_path, recorded):
     # perplexities: the student's per BPE token, the teacher's per WordPiece token (its own tokens)
     assert results["teacher_model"]["tokenizer"] == teacher
     assert all(math.isfinite(results[k]["perplexity"]) for k in ("teacher_model", "distilled"))
+
+
+def test_seq2seq_across_tokenizers_through_hf_kd_distill(tmp_path, recorded):
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    rng = random.Random(1)
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = {s: [(" ".join(rng.choices(WORDS, k=rng.randint(3, 7))), " ".join(rng.choices(WORDS, k=rng.randint(2, 5))))
+                for _ in range(n)] for s, n in (("train", 12), ("test", 4))}
+    for split, pairs in rows.items():
+        with open(data / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("text", "target"), *pairs])
+    texts = [t for pairs in rows.values() for pair in pairs for t in pair]
+    bpe, wp = byte_bpe(300, texts), wordpiece(120, texts)
+
+    def t5(vocab, layers, seed):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                                   num_heads=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
+                                                   decoder_start_token_id=0))
+
+    student = save(t5(len(bpe), 1, 1), bpe, tmp_path / "student")
+    teacher = save(t5(len(wp), 2, 2), wp, tmp_path / "teacher")
+    recipe = {"task": "seq2seq_lm", "teacher_model_name_or_path": teacher, "student_model_name_or_path": student,
+              "teacher_tokenizer": teacher, "dataset_name": str(data), "max_length": 32, "max_target_length": 16,
+              "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+              "learning_rate": 1e-2, "alpha": 0.5, "report_to": "none", "save_strategy": "no", "use_cpu": True,
+              "seed": 0, "disable_tqdm": True}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    results = run_distill(*parse_distill_args(["--config", str(tmp_path / "recipe.yaml")]))
+    sources = [s for s, _ in rows["train"]]
+    expected = {tuple(ids) for ids in wp(sources, truncation=True, max_length=32)["input_ids"]}
+    assert recorded["distil"] and all(set(unpadded(b, wp.pad_token_id)) <= expected for b in recorded["distil"])
+    assert results["distilled"]["steps"] == 2 and math.isfinite(results["distilled"]["train_loss"])
+    before = AutoModelForSeq2SeqLM.from_pretrained(student).state_dict()
+    after = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(math.isfinite(results[k]["perplexity"]) for k in ("teacher_model", "distilled"))
