@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def write_recipe(run, **changes) -> str:
 
 def test_sequence_classification_across_tokenizers_through_hf_kd_distill(classification_run, recorded):
     run = classification_run
-    argv = ["--config", write_recipe(run), "--teacher_tokenizer", run["teacher"]]  # the option on the command line
+    argv = ["--config", write_recipe(run), "--teacher_tokenizer", run["teacher"], "--report", "true"]  # on the command line
     model_args, data_args, run_args, config = parse_distill_args(argv)
     assert config.teacher_tokenizer == run["teacher"]
     results = run_distill(model_args, data_args, run_args, config)
@@ -118,6 +119,8 @@ def test_sequence_classification_across_tokenizers_through_hf_kd_distill(classif
         predicted = teacher(**enc).logits.argmax(-1).tolist()
     expected = sum(p == int(r["label"]) for p, r in zip(predicted, rows)) / len(rows)
     assert results["teacher_model"]["accuracy"] == pytest.approx(expected)
+    report = (Path(config.output_dir) / "report.md").read_text()  # the teacher's latency timed on its own tokens
+    assert "| teacher |" in report and "teacher_tokenizer" in report and run["teacher"] in report
 
 
 def test_two_tokenizers_without_teacher_tokenizer_are_refused_naming_the_option(classification_run):

@@ -116,7 +116,9 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     if tokenizers.cross:  # the teacher's score is on its own tokens (a perplexity per teacher token)
         results["teacher_model"]["tokenizer"] = config.teacher_tokenizer
     if run_args.report and measure is not None and trainer.is_world_process_zero():
-        held = {"student": (held_out, tokenizer), "teacher": (teacher_data.held_out, tokenizers.teacher)}
+        held = {"student": (held_out, tokenizer)}
+        if tokenizers.cross:
+            held["teacher"] = (teacher_data.held_out, tokenizers.teacher)
         results["report"] = _report(task, models, results, held, data_args, trainer, config, model_args)
     if trainer.is_world_process_zero():
         Path(config.output_dir, "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -195,7 +197,8 @@ def _scheduled_setting(config, name: str):
 
 
 def _report(task, models, results, held, data_args, trainer, config, model_args) -> dict:
-    """`held`: {"student" / "teacher": (held-out rows, tokenizer)}, the rows each model reads."""
+    """`held`: {"student" (and, with its own tokenizer, "teacher"): (held-out rows, tokenizer)}, the rows each model
+    reads."""
     say("measuring CPU latency at batch 1 and 32 (median of repeated runs)")
     inputs = {}
     for role, (rows, tokenizer) in held.items():
@@ -204,7 +207,7 @@ def _report(task, models, results, held, data_args, trainer, config, model_args)
     held_out = held["student"][0]
     metric, rows = results["metric"], []
     for name, (model, folder) in models.items():
-        batches = inputs["teacher" if name == "teacher" else "student"]
+        batches = inputs["teacher" if name == "teacher" and "teacher" in inputs else "student"]
         # Timed as a user loads it from its folder: the trainer switched the distilled student and the teacher
         # to eager attention (for their attention maps), which would make them look slower than the baseline.
         model = auto_class(task).from_pretrained(folder).to("cpu").eval()
@@ -233,9 +236,10 @@ def _report(task, models, results, held, data_args, trainer, config, model_args)
         "hidden_weight": config.hidden_weight,
         "attention_weight": config.attention_weight,
         "layer_map": json.dumps(config.layer_map) if not isinstance(config.layer_map, str) else config.layer_map,
-        "teacher_tokenizer": config.teacher_tokenizer or "the student's",
         "threads": torch.get_num_threads(),
     }
+    if config.teacher_tokenizer is not None:
+        settings["teacher_tokenizer"] = config.teacher_tokenizer
     higher = metric not in LOWER_IS_BETTER
     spread = spread_note(metric, results["distilled"][metric], len(held_out))
     paths = write_report(config.output_dir, rows, trainer.state.log_history, settings, metric=metric,
