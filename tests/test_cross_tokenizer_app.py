@@ -140,6 +140,9 @@ def test_what_teacher_tokenizer_cannot_serve_is_refused_before_anything_runs(cla
     argv = ["--config", write_recipe(run, teacher_tokenizer=run["teacher"], task="masked_lm")]
     with pytest.raises(InputError, match=r"a masked_lm run cannot distil across tokenizers"):
         run_distill(*parse_distill_args(argv))
+    argv = ["--config", write_recipe(run, teacher_tokenizer=run["teacher"], teacher_seed="[1, 2]")]
+    with pytest.raises(InputError, match=r"teacher_seed lists several teachers"):
+        run_distill(*parse_distill_args(argv))
     argv = ["--config", write_recipe(run, teacher_tokenizer=run["teacher"], task="causal_lm", block_size=16)]
     with pytest.raises(InputError, match=r"block_size packs several texts"):
         run_distill(*parse_distill_args(argv))

@@ -49,11 +49,14 @@ def load_tokenizers(model_args, config) -> Tokenizers:
     return Tokenizers(AutoTokenizer.from_pretrained(resolve_model(student_tokenizer_folder(model_args))), teacher)
 
 
-def teacher_tokenizer_problems(task: str, teacher_tokenizer: str | None) -> list[str]:
-    """``teacher_tokenizer`` of an app run: a task aligned across tokenizers, a tokenizer that loads."""
+def teacher_tokenizer_problems(model_args, teacher_tokenizer: str | None) -> list[str]:
+    """``teacher_tokenizer`` of an app run: a task aligned across tokenizers, one teacher, a tokenizer that loads."""
     if teacher_tokenizer is None:
         return []
-    problems = []
+    problems, task = [], model_args.task
+    if len(getattr(model_args, "teacher_seeds", [])) > 1:
+        problems.append("teacher_tokenizer aligns one teacher's tokens; teacher_seed lists several teachers. Give one "
+                        "teacher_seed, or unset teacher_tokenizer.")
     if task not in CROSS_TASKS:
         problems.append(f"teacher_tokenizer is set but a {task} run cannot distil across tokenizers (supported: "
                         f"{', '.join(CROSS_TASKS)}); give a student with the teacher's tokenizer and unset "

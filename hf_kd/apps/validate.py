@@ -152,7 +152,7 @@ def model_problems(model_args, command: str = "distill", cache_hidden: bool = Fa
         problems += folder_problems("student_model_name_or_path", student, needs_tokenizer=cross)
     if not any("not readable JSON" in p for p in problems):  # paths, the teacher's head, the two tokenizers
         problems += _collect(check_model_paths, model_args, teacher_tokenizer)  # (stops at its first problem)
-    problems += teacher_tokenizer_problems(model_args.task, teacher_tokenizer)
+    problems += teacher_tokenizer_problems(model_args, teacher_tokenizer)
     chosen = [n for n in ("student_model_name_or_path", "student_layers", "student_config") if getattr(model_args, n)]
     if len(chosen) > 1:
         problems.append(f"give one student, not {' and '.join(chosen)}; unset the other with --{chosen[-1]} null.")
