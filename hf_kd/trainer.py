@@ -72,7 +72,8 @@ class DistillationTrainer(Trainer):
             self.teacher_set, self.plan = checks.start(unwrap(model), sources, args, self.task, teacher_tokenizer,
                                                       kwargs.get("train_dataset"), kwargs.get("processing_class"))
             # prompt-completion data and generated completions (docs/generation.md); may default the collator
-            self.rollout = rollout.prepare(kwargs, args, self.task, unwrap(model), unwrap(self.teacher_set.first))
+            self.rollout = rollout.prepare(kwargs, args, self.task, unwrap(model), unwrap(self.teacher_set.first),
+                                           self.teacher_set.vocab.cross)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every process
             failure = err
         checks.fail_together(failure, args.world_size)
@@ -290,7 +291,8 @@ class DistillationTrainer(Trainer):
             class_mask = token_mask(inputs) if self.task == "question_answering" else None
             with t_cap, t_tap or contextlib.nullcontext():
                 t_out = self.teacher_set.forward(model_inputs, extra, self.accelerator.autocast(), kind=args.kd_loss,
-                                                 temperature=self._scheduled("temperature"), class_mask=class_mask)
+                                                 temperature=self._scheduled("temperature"), class_mask=class_mask,
+                                                 labels=inputs.get("labels"))
         return s_out, t_out, self.head_route.verified(s_tap, t_tap, s_out, t_out), captures
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

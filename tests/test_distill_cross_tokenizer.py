@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import make_bert, make_llama
-from transformers import BertForQuestionAnswering, BertForTokenClassification
+from transformers import BertForQuestionAnswering, BertForTokenClassification, T5Config, T5ForConditionalGeneration
 from xtok_tokenizers import SENTENCES, byte_bpe, wordpiece
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.distill.cross_tokenizer import spans
+from hf_kd.distill.cross_tokenizer import spans, token_ends
 from hf_kd.errors import InputError
 
 
@@ -42,12 +42,18 @@ def _lm_batch(tok, texts):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def test_identical_tokenizers_give_the_plain_kl(tmp_path, toks):
+@pytest.mark.parametrize("kind", ["causal_lm", "seq2seq_lm"])
+def test_identical_tokenizers_give_the_plain_kl(tmp_path, toks, kind):
     """On text whose tokens all end on characters (a character split into byte tokens is one span, so the
-    predictions inside it are not compared)."""
+    predictions inside it are not compared); seq2seq: on targets without an end token (never in a span)."""
     bpe = toks[0]
-    student, teacher = make_llama(layers=1, vocab=len(bpe), seed=1), make_llama(layers=2, vocab=len(bpe), seed=2)
-    batch = _lm_batch(bpe, [SENTENCES[i] for i in (0, 4, 5)])
+    texts = [SENTENCES[i] for i in (0, 4, 5)]
+    if kind == "causal_lm":
+        student, teacher = make_llama(layers=1, vocab=len(bpe), seed=1), make_llama(layers=2, vocab=len(bpe), seed=2)
+        batch = _lm_batch(bpe, texts)
+    else:
+        student, teacher = make_t5(len(bpe), 1, seed=1), make_t5(len(bpe), 2, seed=2)
+        batch = _seq2seq_batch(bpe, texts, texts[::-1])
     losses = []
     for cross in (None, "same"):
         args = make_args(tmp_path, alpha=0.6, temperature=1.5, teacher_tokenizer=cross, cross_tokenizer_loss="hybrid")
@@ -132,11 +138,28 @@ def test_refusals_across_tokenizers(tmp_path, toks):
                             args=make_args(tmp_path, teacher_tokenizer="/nowhere"))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
                                   args=make_args(tmp_path, teacher_tokenizer="wp"))
-    ids = torch.tensor([[bpe.convert_tokens_to_ids(t) for t in ("t", "h", "e")]])  # BPE merges these: not lossless
-    with pytest.raises(InputError, match=r"do not survive decoding"):
-        trainer.teacher_set.vocab.teacher_inputs({"input_ids": ids})
     with pytest.raises(InputError, match=r"no teacher to evaluate on the student.s batches"):
         trainer.evaluate_teacher()
+
+
+def test_a_tokenization_the_tokenizer_would_not_make_is_aligned_by_decoding_prefixes(tmp_path, toks):
+    """Generated ids, or a prompt and its completion tokenized apart, need not be the tokenizer's own tokenization:
+    "t" "h" "e" where the BPE would write "the". The teacher reads the text; the spans end where both the student's
+    tokens and the teacher's end, as for the tokenizer's own tokenization of the text."""
+    bpe, wp = toks
+    student, teacher = make_llama(layers=1, vocab=len(bpe)), make_llama(layers=1, vocab=len(wp))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                  args=make_args(tmp_path, teacher_tokenizer="wp"))
+    cross, text = trainer.teacher_set.vocab.cross, "the film was great"
+    pieces = ["t", "h", "e"] + bpe.tokenize(" film was great")
+    assert bpe.tokenize(text) != pieces  # not the BPE's own tokenization
+    t_in = cross.teacher_inputs({"input_ids": torch.tensor([bpe.convert_tokens_to_ids(pieces)])})
+    assert torch.equal(t_in["input_ids"], wp([text], return_tensors="pt")["input_ids"])
+    row = cross.rows[0]
+    assert row.texts == [text] and row.s_offsets[0][:3] == [(0, 1), (1, 2), (2, 3)]
+    own = bpe(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    both = sorted(token_ends(own).keys() & token_ends(row.t_offsets[0]).keys())
+    assert [row.s_offsets[0][s[-1]][1] for s, _ in spans(row.s_offsets[0], row.t_offsets[0])] == both
 
 
 def test_left_padding_never_predicts_a_span(tmp_path, toks):
@@ -188,3 +211,45 @@ def test_question_answering_across_tokenizers_gives_a_finite_loss_and_gradients(
     loss = trainer.compute_loss(student, dict(batch))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def make_t5(vocab: int, layers: int, seed: int):
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                               num_heads=2, dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
+                                               decoder_start_token_id=0))
+
+
+def _seq2seq_batch(tok, sources, targets):
+    enc = tok(sources, padding=True, return_tensors="pt")
+    labels = tok(targets, padding=True, return_tensors="pt")
+    return {**enc, "labels": labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)}
+
+
+@pytest.mark.parametrize("loss", ["uld", "hybrid"])
+def test_seq2seq_across_tokenizers_reads_source_and_target_in_the_teachers_tokens(tmp_path, toks, loss):
+    bpe, wp = toks
+    student, teacher = make_t5(len(bpe), 1, seed=1), make_t5(len(wp), 1, seed=2)
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=bpe, teacher_tokenizer=wp,
+                                  args=make_args(tmp_path, teacher_tokenizer="wp", cross_tokenizer_loss=loss))
+    sources, targets = SENTENCES[:3], [SENTENCES[i] for i in (5, 1, 4)]
+    student.train()
+    value = trainer.compute_loss(student, dict(_seq2seq_batch(bpe, sources, targets)))
+    value.backward()
+    assert torch.isfinite(value) and value > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert torch.equal(seen[0]["input_ids"], wp(sources, padding=True, return_tensors="pt")["input_ids"])
+    t_labels = wp(text_target=targets, padding=True, return_tensors="pt")
+    expected = teacher.prepare_decoder_input_ids_from_labels(
+        labels=t_labels["input_ids"].masked_fill(t_labels["attention_mask"] == 0, -100))
+    assert torch.equal(seen[0]["decoder_input_ids"], expected)
+    b, ps, pt = trainer.teacher_set.vocab.cross.span_rows()
+    assert len(b) > 0  # the rows compared are label positions in both, after the same target text
+    labels = _seq2seq_batch(bpe, sources, targets)["labels"]
+    for row, s, t in zip(b.tolist(), ps.tolist(), pt.tolist()):
+        s_text = bpe.decode(labels[row, :s].tolist())  # the target text both models read before the compared token
+        t_text = wp.decode(t_labels["input_ids"][row, :t].tolist(), skip_special_tokens=True)
+        normalized = wp.backend_tokenizer.normalizer.normalize_str(s_text)  # lowercased, accents stripped
+        assert t_text.replace(" ", "") == normalized.replace(" ", "")

@@ -7,6 +7,7 @@ nothing from here. Each module is one application or one of its steps:
   (baseline), evaluate, report, save;
 - `data`: splits from a Hub id or a local csv/json/jsonl/parquet file, labels, tokenisation per task;
 - `teacher`: the teacher fine-tune, cached by its settings;
+- `tokenizers`: the run's tokenizers, one for both models or, with teacher_tokenizer, one each;
 - `evaluation`: the held-out metric of each task;
 - `report`: report.md + report.png;
 - `cache_teacher`: the `hf-kd cache-teacher` command;

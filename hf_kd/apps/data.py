@@ -183,8 +183,8 @@ def load_data(task: str, data_args, tokenizer) -> RunData:
     name = "block_size" if task == "causal_lm" and data_args.block_size else "max_length"
     if limit and limit < 1_000_000 and getattr(data_args, name) > limit:  # huge values mean "not set"
         raise SystemExit(
-            f"hf-kd: {name}={getattr(data_args, name)} is longer than the teacher tokenizer's model_max_length="
-            f"{limit} (the model's maximum positions); set {name} to {limit} or less."
+            f"hf-kd: {name}={getattr(data_args, name)} is longer than the tokenizer's model_max_length={limit} "
+            f"({getattr(tokenizer, 'name_or_path', '')}: the model's maximum positions); set {name} to {limit} or less."
         )
     missing = [c for c in required_columns(task, data_args) if c not in train.column_names]
     if missing:

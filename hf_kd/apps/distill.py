@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from datasets import concatenate_datasets
-from transformers import AutoTokenizer, Trainer
+from transformers import Trainer
 
 from ..config import DistillationConfig
 from ..hub import CardInfo, card_metrics, spread_note
@@ -34,7 +34,7 @@ from .data import collator_for, load_data
 from .evaluation import CARD_METRICS, LOWER_IS_BETTER, METRICS, evaluate
 from .models import load_teachers, make_student
 from .teacher import teacher_rows
-from .offline import resolve_model
+from .tokenizers import load_tokenizers
 from .recipes import recipe_of
 from .report import ModelResult, count_parameters, format_console, measure_latency_ms, size_on_disk_mb, write_report
 from .validate import validate_run
@@ -46,8 +46,11 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     _check_run(model_args, run_args, config)
     torch.manual_seed(config.seed)
     say(f"loading tokenizer and data ({data_args.dataset_name})")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_args.teacher_model_name_or_path))
+    tokenizers = load_tokenizers(model_args, config)  # one for both, or the student's and the teacher's own
+    tokenizer = tokenizers.student
     data = load_data(task, data_args, tokenizer)
+    # with teacher_tokenizer, the same rows in the teacher's tokens: its fine-tune, its scores, its latency
+    teacher_data = load_data(task, data_args, tokenizers.teacher) if tokenizers.cross else data
     extra = f" (+ {len(data.unlabelled)} unlabelled rows for distillation)" if data.unlabelled is not None else ""
     labels = f", labels {data.names}" if data.names is not None else ""
     held_out = data.held_out
@@ -55,8 +58,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         extra += f"; the teacher's fine-tune: the first {len(data.teacher_train)} rows, labelled"
     say(f"data: {len(data.train)} training rows{extra}, {len(held_out) if held_out else 0} held-out rows{labels}")
 
-    teachers, prepared, seeds = load_teachers(model_args, data_args, config, data, tokenizer)
-    student, student_init = make_student(model_args, teachers[0], train=data.train, tokenizer=tokenizer)
+    teachers, prepared, seeds = load_teachers(model_args, data_args, config, teacher_data, tokenizers.teacher)
+    student, student_init = make_student(model_args, teachers[0], train=teacher_data.train, tokenizer=tokenizers.teacher)
     baseline_init = copy.deepcopy(student) if run_args.baseline else None
     say(f"student: {student_init}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
     # prompt-completion rows (docs/generation.md): the trainer's own PromptCollator; the baseline trains on the
@@ -65,6 +68,8 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     collator = PromptCollator(tokenizer, task == "seq2seq_lm", config.max_prompt_length, lm=True) if prompt_data \
         else collator_for(task, tokenizer, data_args, student)
     measure = _measurer(task, tokenizer, data_args, student, held_out)
+    teacher_measure = _measurer(task, tokenizers.teacher, data_args, teachers[0], teacher_data.held_out) \
+        if tokenizers.cross else measure
     results = {"hf_kd_version": __version__, "task": task, "metric": metric,
                "teacher": model_args.teacher_model_name_or_path, "student_init": student_init,
                "train_rows": len(data.train), "unlabelled_rows": len(data.unlabelled) if data.unlabelled else 0,
@@ -82,6 +87,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         eval_dataset=held_out if task in CARD_METRICS and not prompt_data else None,
         data_collator=None if prompt_data else collator,
         processing_class=tokenizer,
+        teacher_tokenizer=tokenizers.teacher if tokenizers.cross else None,
         compute_metrics=CARD_METRICS.get(task),
     )
     trainer.card_info = CardInfo.from_cli_args(model_args, data_args, run_args, student_init=student_init,
@@ -96,7 +102,7 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
     save_or_rescue(trainer, config.output_dir)  # a failed save never loses the trained student
     models = {"teacher": (teachers[0], prepared[0][0]), "distilled": (student, config.output_dir)}
     if len(teachers) > 1:  # every teacher's own score; the report's teacher row is the first
-        results["teachers"] = [{"seed": s, "path": d, metric: measure(m) if measure else None}
+        results["teachers"] = [{"seed": s, "path": d, metric: teacher_measure(m) if measure else None}
                                for s, (d, _), m in zip(seeds, prepared, teachers)]
     if baseline_init is not None:
         results["baseline"], models["baseline"] = train_baseline(
@@ -105,9 +111,15 @@ def run_distill(model_args, data_args, run_args, config: DistillationConfig) -> 
         say(f"evaluating on {len(held_out)} held-out rows")
         for name, (model, _) in models.items():
             done = _card_score(trainer, {"distilled": "student", "teacher": "teacher"}.get(name), metric)
-            results["teacher_model" if name == "teacher" else name][metric] = done if done is not None else measure(model)
+            score = teacher_measure if name == "teacher" else measure
+            results["teacher_model" if name == "teacher" else name][metric] = done if done is not None else score(model)
+    if tokenizers.cross:  # the teacher's score is on its own tokens (a perplexity per teacher token)
+        results["teacher_model"]["tokenizer"] = config.teacher_tokenizer
     if run_args.report and measure is not None and trainer.is_world_process_zero():
-        results["report"] = _report(task, models, results, held_out, tokenizer, data_args, trainer, config, model_args)
+        held = {"student": (held_out, tokenizer)}
+        if tokenizers.cross:
+            held["teacher"] = (teacher_data.held_out, tokenizers.teacher)
+        results["report"] = _report(task, models, results, held, data_args, trainer, config, model_args)
     if trainer.is_world_process_zero():
         Path(config.output_dir, "results.json").write_text(json.dumps(results, indent=1, default=str))
     for name in ("teacher_model", "student_at_init", "distilled", "baseline"):
@@ -184,12 +196,18 @@ def _scheduled_setting(config, name: str):
     return start if kind == "constant" else f"{start} -> {end} ({kind})"
 
 
-def _report(task, models, results, held_out, tokenizer, data_args, trainer, config, model_args) -> dict:
+def _report(task, models, results, held, data_args, trainer, config, model_args) -> dict:
+    """`held`: {"student" (and, with its own tokenizer, "teacher"): (held-out rows, tokenizer)}, the rows each model
+    reads."""
     say("measuring CPU latency at batch 1 and 32 (median of repeated runs)")
-    collator = collator_for(task, tokenizer, data_args, models["distilled"][0], evaluation=True)
-    batches = {n: model_inputs(collator([held_out[i] for i in range(min(n, len(held_out)))])) for n in (1, 32)}
+    inputs = {}
+    for role, (rows, tokenizer) in held.items():
+        collator = collator_for(task, tokenizer, data_args, models["distilled"][0], evaluation=True)
+        inputs[role] = {n: model_inputs(collator([rows[i] for i in range(min(n, len(rows)))])) for n in (1, 32)}
+    held_out = held["student"][0]
     metric, rows = results["metric"], []
     for name, (model, folder) in models.items():
+        batches = inputs["teacher" if name == "teacher" and "teacher" in inputs else "student"]
         # Timed as a user loads it from its folder: the trainer switched the distilled student and the teacher
         # to eager attention (for their attention maps), which would make them look slower than the baseline.
         model = auto_class(task).from_pretrained(folder).to("cpu").eval()
@@ -220,6 +238,8 @@ def _report(task, models, results, held_out, tokenizer, data_args, trainer, conf
         "layer_map": json.dumps(config.layer_map) if not isinstance(config.layer_map, str) else config.layer_map,
         "threads": torch.get_num_threads(),
     }
+    if config.teacher_tokenizer is not None:
+        settings["teacher_tokenizer"] = config.teacher_tokenizer
     higher = metric not in LOWER_IS_BETTER
     spread = spread_note(metric, results["distilled"][metric], len(held_out))
     paths = write_report(config.output_dir, rows, trainer.state.log_history, settings, metric=metric,

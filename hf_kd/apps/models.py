@@ -17,9 +17,10 @@ from .prune import pruned_student
 from .teacher import prepare_teacher
 
 
-def check_model_paths(model_args) -> None:
+def check_model_paths(model_args, teacher_tokenizer: str | None = None) -> None:
     """A clear message for a teacher or student that is neither a readable model folder nor (online) a Hub id,
-    and for a student folder whose tokenizer numbers tokens otherwise than the teacher's."""
+    and, unless `teacher_tokenizer` (the run's option) gives the teacher its own, for a student folder whose
+    tokenizer numbers tokens otherwise than the teacher's."""
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     folders = {}
     for field_name in ("teacher_model_name_or_path", "student_model_name_or_path"):
@@ -44,12 +45,13 @@ def check_model_paths(model_args) -> None:
                 + (" and the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "")
                 + "; check the path, or give a Hub id while online."
             )
-    if len(folders) == 2:
+    if len(folders) == 2 and teacher_tokenizer is None:
         try:
             check_tokenizers(load_tokenizer(str(folders["student_model_name_or_path"])),
                              load_tokenizer(str(folders["teacher_model_name_or_path"])))
         except InputError as err:
-            raise SystemExit(f"hf-kd: {err}") from None
+            raise SystemExit(f"hf-kd: {err} On the command line: --teacher_tokenizer "
+                             f"{model_args.teacher_model_name_or_path} (or teacher_tokenizer: in the recipe).") from None
 
 
 def _check_teacher_head(field_name: str, name: str, path: Path, model_args) -> None:

@@ -47,6 +47,8 @@ def cache_key(model_args, data_args, config, data, seed: int) -> dict:
     }
     if model_args.task != "sequence_classification":  # the demo's key (and its cached teacher) stays as it was
         key["task"] = model_args.task
+    if getattr(config, "teacher_tokenizer", None) is not None:  # fine-tuned on that tokenizer's ids
+        key["tokenizer"] = config.teacher_tokenizer
     return key
 
 

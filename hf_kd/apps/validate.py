@@ -26,6 +26,7 @@ from .common import check_output_dir, say
 from .data import load_raw, raw_problems
 from .models import check_model_paths
 from .offline import resolve_model
+from .tokenizers import teacher_tokenizer_problems
 
 #: A folder holds weights when it has one of these (sharded checkpoints have an index).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -45,7 +46,7 @@ def validate_run(model_args, data_args, run_args, config, *, command: str = "dis
     (what can be meant, such as evaluating on the training rows) are printed, one line each, and returned."""
     problems, warnings = [], []
     problems += output_problems(config, run_args, model_args, command)
-    problems += model_problems(model_args, command, cache_hidden)
+    problems += model_problems(model_args, command, cache_hidden, config.teacher_tokenizer)
     problems += flag_problems(model_args, data_args, config, command, top_k, warnings)
     problems += package_problems(config, command)
     problems += data_problems(model_args.task, data_args)
@@ -137,16 +138,21 @@ def _local_folder(name: str | None) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def model_problems(model_args, command: str = "distill", cache_hidden: bool = False) -> list[str]:
+def model_problems(model_args, command: str = "distill", cache_hidden: bool = False,
+                   teacher_tokenizer: str | None = None) -> list[str]:
+    """`teacher_tokenizer`: the run's option; then the student reads the tokenizer of its own folder (the teacher's
+    folder needs none) and the teacher reads that one (`hf_kd.apps.tokenizers`)."""
     problems = []
     teacher = _local_folder(model_args.teacher_model_name_or_path)
     student = _local_folder(model_args.student_model_name_or_path)
+    cross = teacher_tokenizer is not None
     if teacher is not None:
-        problems += folder_problems("teacher_model_name_or_path", teacher, needs_tokenizer=True)
+        problems += folder_problems("teacher_model_name_or_path", teacher, needs_tokenizer=not (cross and student))
     if student is not None:
-        problems += folder_problems("student_model_name_or_path", student, needs_tokenizer=False)
+        problems += folder_problems("student_model_name_or_path", student, needs_tokenizer=cross)
     if not any("not readable JSON" in p for p in problems):  # paths, the teacher's head, the two tokenizers
-        problems += _collect(check_model_paths, model_args)  # (stops at its first problem)
+        problems += _collect(check_model_paths, model_args, teacher_tokenizer)  # (stops at its first problem)
+    problems += teacher_tokenizer_problems(model_args, teacher_tokenizer)
     chosen = [n for n in ("student_model_name_or_path", "student_layers", "student_config", "student_prune")
               if getattr(model_args, n)]
     if len(chosen) > 1:
@@ -192,6 +198,10 @@ def flag_problems(model_args, data_args, config, command, top_k, warnings: list)
     if d.block_size is not None and task != "causal_lm":
         problems.append(f"block_size packs causal_lm texts; a {task} run does not use it. Drop it (or max_length "
                         "truncates).")
+    if d.block_size is not None and config.teacher_tokenizer is not None:
+        problems.append("block_size packs several texts into a block, with end-of-text tokens between them; a teacher "
+                        "with its own tokenizer reads one text per row. Unset block_size (each text truncated at "
+                        "max_length) or teacher_tokenizer.")
     if not 0 <= d.mlm_probability < 1:
         problems.append(f"mlm_probability={d.mlm_probability} must be in [0, 1) (0.15 is BERT's).")
     if d.text_pair_column and task != "sequence_classification":

@@ -2,9 +2,12 @@
 
 The text the teacher reads is the student's ids decoded with the student's tokenizer, one text per run of
 content tokens between special tokens (a question and its context are two runs, given to the teacher as a
-pair). Decoding is checked to be lossless: the text must tokenize back to the same ids, or training stops
-with a message. No dataset column has to be kept, and generations of the student (ids only) work the same
-way. A student tokenizer that normalises (lowercasing, stripped accents) hands the teacher normalised text.
+pair). No dataset column has to be kept, and generations of the student (ids only) work the same way. The
+offsets of the student's tokens come from re-tokenizing the text when that gives the same ids back (the
+tokenizer's own tokenization, one call for the batch), else from decoding each prefix of the run
+(`decoded_offsets`: a generated completion, or a prompt and its completion tokenized apart, are tokenizations
+the tokenizer would not make itself). A student tokenizer that normalises (lowercasing, stripped accents) hands
+the teacher normalised text.
 
 Alignment is by character offsets into that text (fast tokenizers' ``offset_mapping``):
 
@@ -14,7 +17,11 @@ Alignment is by character offsets into that text (fast tokenizers' ``offset_mapp
 * question answering: start logits by each token's first non-space character, end logits by its last;
 * causal LM: the tokens are grouped into spans whose both tokenizations end at the same character
   (`spans`). The prefix before each span is the same text for both models, so their predictions of the
-  span's first token are compared: ULD or the hybrid (`hf_kd.cross_losses`), per ``cross_tokenizer_loss``.
+  span's first token are compared: ULD or the hybrid (`hf_kd.cross_losses`), per ``cross_tokenizer_loss``;
+* seq2seq: the source (the student's ``input_ids``) is re-tokenized for the teacher's encoder, the target (the
+  student's ``labels``) for its decoder (``text_target``; the teacher's decoder inputs are its labels shifted by the
+  teacher's own ``prepare_decoder_input_ids_from_labels``), and the decoder positions are aligned by the same spans
+  as a causal LM: the logits at a label's position predict that label, after the same target text in both models.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from ..losses import cross_entropy_loss, logit_distillation_loss
 from ..tasks import token_mask
 
 #: Tasks a teacher with its own tokenizer can teach.
-CROSS_TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
+CROSS_TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm", "seq2seq_lm")
+#: Tasks aligned by spans (a prediction of each span's first token).
+LM_TASKS = ("causal_lm", "seq2seq_lm")
 
 
 def token_ends(offsets) -> dict[int, int]:
@@ -54,6 +63,21 @@ def spans(student_offsets, teacher_offsets) -> list[tuple[range, range]]:
         out.append((range(i0, i1 + 1), range(j0, j1 + 1)))
         i0, j0 = i1 + 1, j1 + 1
     return out
+
+
+def decoded_offsets(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Character offsets of each of `ids` in `text`, their decoding, found by decoding every prefix: for a
+    tokenization the tokenizer would not make itself. A token whose prefix does not decode to the start of `text`
+    (a byte of a character split into several byte tokens) shares the offsets of the token that completes it, as
+    a fast tokenizer's offset_mapping does."""
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], clean_up_tokenization_spaces=False)
+    out, start, pending = [], 0, 0
+    for prefix in prefixes:
+        pending += 1
+        if len(prefix) >= start and text.startswith(prefix):
+            out += [(start, len(prefix))] * pending
+            start, pending = len(prefix), 0
+    return out + [(start, len(text))] * pending  # only when the whole run does not decode to `text`
 
 
 def _owners(text: str, offsets) -> dict[int, int]:
@@ -87,14 +111,17 @@ class CrossTokenizer:
     """The teacher's inputs and the aligned logit terms, for a teacher whose tokenizer is not the student's."""
 
     def __init__(self, args, task: str, student_tokenizer, teacher_tokenizer, teacher_keys: set,
-                 student_classes: int | None, teacher_classes: int | None, max_length: int | None):
-        self.args, self.task = args, task
+                 student_classes: int | None, teacher_classes: int | None, max_length: int | None,
+                 decoder_inputs=None):
+        self.args, self.task, self.decoder_inputs = args, task, decoder_inputs  # seq2seq: labels -> decoder inputs
         self.s_tok, self.t_tok, self.teacher_keys = student_tokenizer, teacher_tokenizer, teacher_keys
         self.s_classes, self.t_classes, self.max_length = student_classes, teacher_classes, max_length
         self.s_special = set(student_tokenizer.all_special_ids)
         self.rows: list[Row] = []  # the last batch's alignment (set by teacher_inputs, read by terms)
         self.masks: tuple = (None, None)  # the last batch's (student, teacher) attention masks
-        if task == "causal_lm":
+        self.targets: list[Row] = []  # seq2seq: the last batch's alignment of the labels
+        self.target_masks: tuple = (None, None)  # seq2seq: the last batch's (student, teacher) label masks
+        if task in LM_TASKS:
             sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
             pairs = sorted((sv[k], tv[k]) for k in sv.keys() & tv.keys() if sv[k] < student_classes and tv[k] < teacher_classes)
             self.matched = (torch.tensor([p[0] for p in pairs], dtype=torch.long),
@@ -113,9 +140,14 @@ class CrossTokenizer:
             elif not getattr(tok, "is_fast", False):
                 problems.append(f"the {who}'s tokenizer {getattr(tok, 'name_or_path', '')!r} is not a fast "
                                 "tokenizer: character offsets need one (AutoTokenizer.from_pretrained(..., use_fast=True)).")
-        if task == "causal_lm" and args.uses_teacher_logits and args.kd_loss != "forward_kl":
-            problems.append(f"kd_loss={args.kd_loss!r} compares one vocabulary; across tokenizers a causal LM uses "
-                            "cross_tokenizer_loss (uld or hybrid). Leave kd_loss at forward_kl.")
+        if task in LM_TASKS and args.uses_teacher_logits and args.kd_loss != "forward_kl":
+            problems.append(f"kd_loss={args.kd_loss!r} compares one vocabulary; across tokenizers a causal LM or "
+                            "seq2seq model uses cross_tokenizer_loss (uld or hybrid). Leave kd_loss at forward_kl.")
+        decoder_inputs = getattr(teacher, "prepare_decoder_input_ids_from_labels", None)
+        if task == "seq2seq_lm" and decoder_inputs is None:
+            problems.append(f"the teacher ({type(teacher).__name__}) has no prepare_decoder_input_ids_from_labels to "
+                            "make its decoder inputs from its own tokens of the target; use an encoder-decoder with one "
+                            "(T5, BART, ...).")
         if problems:
             raise InputError("Cannot distil across tokenizers:\n  - " + "\n  - ".join(problems))
         if teacher_tokenizer.pad_token is None:  # batches of the teacher's texts are padded (and masked): a copy pads
@@ -123,16 +155,18 @@ class CrossTokenizer:
             teacher_tokenizer.pad_token = teacher_tokenizer.eos_token or teacher_tokenizer.unk_token
         keys = set(inspect.signature(teacher.forward).parameters)
         s_classes = t_classes = None
-        if task == "causal_lm":  # each model's real vocabulary: padded rows are left out
+        if task in LM_TASKS:  # each model's real vocabulary: padded rows are left out
             s_classes = min(len(student_tokenizer), student.config.get_text_config().vocab_size)
             t_classes = min(len(teacher_tokenizer), teacher.config.get_text_config().vocab_size)
         limit = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
-        return cls(args, task, student_tokenizer, teacher_tokenizer, keys, s_classes, t_classes, limit)
+        return cls(args, task, student_tokenizer, teacher_tokenizer, keys, s_classes, t_classes, limit,
+                   decoder_inputs if task == "seq2seq_lm" else None)
 
     # ------------------------------------------------------------------ the teacher's inputs
     def student_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> list[Row]:
-        """The texts of each student example (runs between special tokens) and the offsets of their tokens, checked to
-        decode losslessly; every run of the batch is re-tokenized in one call."""
+        """The texts of each student example (runs between special tokens) and the offsets of their tokens; every run
+        of the batch is re-tokenized in one call (`decoded_offsets` for the runs that do not tokenize back to their
+        ids)."""
         rows, runs = [], []  # runs: (row, positions, ids)
         for b, (row_ids, row_mask) in enumerate(zip(ids.tolist(), mask.tolist())):
             found, run = [], []
@@ -150,20 +184,16 @@ class CrossTokenizer:
         texts = self.s_tok.batch_decode([content for _, _, content in runs], clean_up_tokenization_spaces=False)
         encs = self.s_tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
         for k, ((b, positions, content), text) in enumerate(zip(runs, texts)):
-            if encs["input_ids"][k] != content:
-                raise InputError(
-                    f"the student's tokens do not survive decoding: {text[:60]!r} tokenizes back to other ids with "
-                    f"{getattr(self.s_tok, 'name_or_path', 'the student tokenizer')!r}, so the teacher cannot be given "
-                    "the same text. Use a student tokenizer that decodes losslessly (byte-level BPE does), or "
-                    "tokenize the data without normalisation."
-                )
+            same = encs["input_ids"][k] == content
+            offsets = encs["offset_mapping"][k] if same else decoded_offsets(self.s_tok, content, text)
             rows[b].texts.append(text)
             rows[b].s_positions.append(positions)
-            rows[b].s_offsets.append([tuple(o) for o in encs["offset_mapping"][k]])
+            rows[b].s_offsets.append([tuple(o) for o in offsets])
         return rows
 
-    def teacher_inputs(self, model_inputs: dict) -> dict:
-        """The teacher's tokenization of the batch's text (on the batch's device); remembers the alignment."""
+    def teacher_inputs(self, model_inputs: dict, labels: torch.Tensor | None = None) -> dict:
+        """The teacher's tokenization of the batch's text (on the batch's device); remembers the alignment.
+        Seq2seq: `labels` (the student's) give the target text of the teacher's decoder."""
         ids = model_inputs["input_ids"]
         mask = model_inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
@@ -181,7 +211,31 @@ class CrossTokenizer:
             row.t_offsets = [[tuple(offsets[b][j]) for j in pos] for pos in row.t_positions]
         self.masks = (self.masks[0], enc["attention_mask"].bool().tolist())
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc and k in self.teacher_keys]
-        return {k: enc[k].to(ids.device) for k in keys}
+        out = {k: enc[k].to(ids.device) for k in keys}
+        if self.task == "seq2seq_lm":
+            out["decoder_input_ids"] = self.target_inputs(labels).to(ids.device)
+        return out
+
+    def target_inputs(self, labels: torch.Tensor | None) -> torch.Tensor:
+        """Seq2seq: the teacher's decoder inputs (B, T') from its tokenization of the target text, the student's
+        labels decoded; remembers the alignment of the two label sequences."""
+        if labels is None:
+            raise InputError("a seq2seq batch without labels reached a teacher with its own tokenizer: the target text "
+                             "it reads comes from the labels. Give the batches labels (the target's token ids).")
+        valid = labels != -100  # (B, T)
+        pad = self.s_tok.pad_token_id if self.s_tok.pad_token_id is not None else 0
+        self.targets = self.student_rows(labels.masked_fill(~valid, pad).cpu(), valid.cpu())
+        texts = [row.texts[0] if row.texts else "" for row in self.targets]  # the target: one run
+        enc = self.t_tok(text_target=texts, padding=True, truncation=True, max_length=self.max_length,
+                         return_offsets_mapping=True, return_tensors="pt")
+        offsets = enc["offset_mapping"].tolist()
+        for b, row in enumerate(self.targets):
+            seq = enc.sequence_ids(b)
+            row.t_positions = [[j for j, s in enumerate(seq) if s == 0]][: len(row.texts)]
+            row.t_offsets = [[tuple(offsets[b][j]) for j in pos] for pos in row.t_positions]
+        t_valid = enc["attention_mask"].bool()  # (B, T')
+        self.target_masks = (valid.tolist(), t_valid.tolist())
+        return self.decoder_inputs(labels=enc["input_ids"].masked_fill(~t_valid, -100))
 
     # ------------------------------------------------------------------ the aligned terms
     def position_map(self, length: int, last: bool) -> torch.Tensor:
@@ -199,18 +253,20 @@ class CrossTokenizer:
         return out
 
     def span_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal LM: (example, student position, teacher position) of each span's prediction, (N,) each: the
-        positions just before the span's first token in each tokenization (spans without one, or where it is padding
-        on the left, are left out)."""
-        found, (s_mask, t_mask) = [], self.masks
-        for b, row in enumerate(self.rows):
+        """(example, student row, teacher row) of each span's prediction, (N,) each: the logits that predict the
+        span's first token in each model. Causal LM: the positions just before it (the shifted logits' rows; spans
+        without one, or where it is padding on the left, are left out); seq2seq: its positions in the labels."""
+        seq2seq = self.task == "seq2seq_lm"
+        rows, (s_mask, t_mask) = (self.targets, self.target_masks) if seq2seq else (self.rows, self.masks)
+        shift, found = 0 if seq2seq else 1, []
+        for b, row in enumerate(rows):
             if not row.texts:
                 continue
             s_pos, t_pos = row.s_positions[0], row.t_positions[0]
             for s_span, t_span in spans(row.s_offsets[0], row.t_offsets[0]):
-                ps, pt = s_pos[s_span[0]], t_pos[t_span[0]]
-                if ps > 0 and pt > 0 and s_mask[b][ps - 1] and t_mask[b][pt - 1]:
-                    found.append((b, ps - 1, pt - 1))
+                ps, pt = s_pos[s_span[0]] - shift, t_pos[t_span[0]] - shift
+                if ps >= 0 and pt >= 0 and s_mask[b][ps] and t_mask[b][pt]:
+                    found.append((b, ps, pt))
         return tuple(torch.tensor([f[k] for f in found], dtype=torch.long) for k in range(3))
 
     def terms(self, batch, targets, counts, temperature, alpha) -> tuple[torch.Tensor, dict]:
@@ -218,9 +274,9 @@ class CrossTokenizer:
         args, components = self.args, {}
         s_logits, device = targets.student, targets.student[0].device
         kd = None
-        if args.uses_teacher_logits and self.task == "causal_lm":
+        if args.uses_teacher_logits and self.task in LM_TASKS:
             b, ps, pt = (x.to(device) for x in self.span_rows())
-            zs = targets.student[0][b, ps, : self.s_classes]  # (N, Vs); shifted logits: index p predicts p + 1
+            zs = targets.student[0][b, ps, : self.s_classes]  # (N, Vs); causal LM: shifted, index p predicts p + 1
             zt = targets.teacher[0][b, pt, : self.t_classes].to(device)  # (N, Vt)
             valid = targets.mask[b, ps] if targets.mask is not None else None  # (N,) the student's label is kept
             if args.cross_tokenizer_loss == "uld":

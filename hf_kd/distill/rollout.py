@@ -33,6 +33,7 @@ from .. import prompts
 from ..prompts import causal_batch, first_eos_mask, seq2seq_batch
 from ..errors import InputError
 from .vocab import embedding_rows
+from .cross_generation import TeacherWriter
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,14 @@ class Rollout:
         student_model: the student (its generation_config and config give pad and EOS ids the tokenizer lacks).
         suppressed: ids generation never produces (`unreadable_ids`: padding ids a model that reads the completions
             cannot embed).
+
+    ``teacher_writer``: with a teacher that has its own tokenizer and ``seq_kd``, a `TeacherWriter` (the teacher's
+    completions re-tokenized for the student), else None.
     """
 
     def __init__(self, args, task: str, tokenizer, student_model, suppressed: list[int] | None = None):
         self.args, self.task = args, task
+        self.teacher_writer = None  # set by `prepare` across tokenizers with seq_kd
         self.encoder_decoder = task == "seq2seq_lm"
         gen = copy.deepcopy(args.generation_config)
         defaults = getattr(student_model, "generation_config", None)
@@ -134,20 +139,24 @@ class Rollout:
         device = next(model.parameters()).device
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         ids, mask = concat_prompts(batches, self.pad_id, left=not self.encoder_decoder)
-        completions = self.generate(model, ids, mask)  # (N, L)
+        if source == "teacher" and self.teacher_writer is not None:  # written in the teacher's tokens, then the student's
+            completions, valid = self.teacher_writer.completions(
+                lambda m, i, a, config: self.generate(m, i, a, config=config), model, ids, mask)
+        else:
+            completions, valid = self.generate(model, ids, mask), None  # (N, L)
         out, start = [], 0
         for b in batches:
             n = b["prompt_input_ids"].shape[0]
-            c = completions[start: start + n]
+            c, kept = completions[start: start + n], None if valid is None else valid[start: start + n]
             p_ids, p_mask = ids[start: start + n], mask[start: start + n]
-            out.append(self.lm_batch(p_ids, p_mask, c, first_eos_mask(c, self.eos_ids)))
+            out.append(self.lm_batch(p_ids, p_mask, c, first_eos_mask(c, self.eos_ids, kept)))
             start += n
         return out
 
-    def generate(self, model, ids: torch.Tensor, mask: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    def generate(self, model, ids: torch.Tensor, mask: torch.Tensor, greedy: bool = False, config=None) -> torch.Tensor:
         """The generated completion ids (N, L) for left-padded (decoder-only) or right-padded prompts; `greedy`:
-        without sampling (evaluation), else with `generation_config`."""
-        config = self.greedy_config if greedy else self.generation_config
+        without sampling (evaluation), else with `generation_config` (or `config`, for a model with other ids)."""
+        config = config if config is not None else self.greedy_config if greedy else self.generation_config
         # the start-up check reads the first rows only: a longer prompt later is refused here, not by an IndexError
         problem = context_problem(ids.shape[1], config.max_new_tokens, context_limit(model), self.encoder_decoder,
                                   "a prompt of this batch has")
@@ -232,12 +241,8 @@ def unreadable_ids(args, student, teacher, tokenizer) -> list[int]:
     suppressed. When the tokenizer's own tokens do not fit, the pair is refused."""
     if teacher is None:
         return []
-    if args.teacher_tokenizer is not None:
-        if args.seq_kd:
-            raise InputError("seq_kd=True makes the teacher generate from the student's token ids, but with "
-                             "teacher_tokenizer the teacher reads its own tokenization. Set seq_kd=False (on-policy "
-                             "lmbda works across tokenizers), or use a teacher with the student's tokenizer.")
-        return []  # the teacher scores its own tokenization of the completions' text
+    if args.teacher_tokenizer is not None:  # the teacher reads its own tokenization of the completions' text
+        return []  # (with seq_kd it writes its own: hf_kd.distill.cross_generation)
     size = lambda m: m.config.get_text_config().vocab_size  # noqa: E731 - output ids a model generates
     rows = {name: embedding_rows(m) or size(m) for name, m in (("student", student), ("teacher", teacher))}
     reader = min(rows, key=rows.get)  # the model that embeds the fewest ids
@@ -258,9 +263,11 @@ def unreadable_ids(args, student, teacher, tokenizer) -> list[int]:
     return list(range(rows[reader], outputs))
 
 
-def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
+def prepare(kwargs: dict, args, task: str, student, teacher, cross=None) -> Rollout | None:
     """Start-up: refuse what generation cannot serve, default the collator of prompt-completion data, and return
-    the `Rollout` (None when neither the data nor the settings involve completions)."""
+    the `Rollout` (None when neither the data nor the settings involve completions). `cross`: the run's
+    `CrossTokenizer` when the teacher has its own tokenizer (the student's completions reach it as text; with
+    ``seq_kd`` it writes its own, `hf_kd.distill.cross_generation`)."""
     datasets = [kwargs.get("train_dataset"), kwargs.get("eval_dataset")]
     datasets = [d for d in datasets if d is not None and not isinstance(d, dict)]
     prompt_data = any(prompts.is_prompt_data(d) for d in datasets)
@@ -287,7 +294,13 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
             raise InputError("prompt-completion data is tokenized by the collator: pass processing_class=tokenizer "
                              "(or a data_collator such as hf_kd.PromptCollator).")
         kwargs["data_collator"] = prompts.PromptCollator(tokenizer, task == "seq2seq_lm", args.max_prompt_length)
-    suppressed = unreadable_ids(args, student, teacher, tokenizer) if generates(args) or args.eval_generation else []
+    if cross is not None and args.eval_generation:
+        raise InputError("eval_generation scores the student's completions with the teacher on the student's tokens; "
+                         "a teacher with its own tokenizer (teacher_tokenizer) cannot read them. Set "
+                         "eval_generation=False.")
+    # across tokenizers the teacher reads text, not the student's ids
+    needs_ids = cross is None and (generates(args) or args.eval_generation)
+    suppressed = unreadable_ids(args, student, teacher, tokenizer) if needs_ids else []
     models = [m for m in (student, teacher) if m is not None]
     limit = min((c for c in map(context_limit, models) if c), default=None)
     problem = context_problem(args.max_prompt_length or 0, room_needed(args), limit, task == "seq2seq_lm",
@@ -302,7 +315,11 @@ def prepare(kwargs: dict, args, task: str, student, teacher) -> Rollout | None:
     for d in datasets:
         check_prompts(d, kwargs.get("data_collator"), args, task, models,
                       args.lmbda < 1 and not args.seq_kd and d is kwargs.get("train_dataset"))
-    return Rollout(args, task, tokenizer, student, suppressed)
+    out = Rollout(args, task, tokenizer, student, suppressed)
+    if cross is not None and args.seq_kd:
+        out.teacher_writer = TeacherWriter(cross.s_tok, cross.t_tok, teacher, out.generation_config, out.eos_ids[0],
+                                           out.pad_id, encoder_decoder=out.encoder_decoder)
+    return out
 
 
 def backend_problems(backend, args) -> list[str]:

@@ -116,10 +116,12 @@ class TeacherSet:
             if teacher.training:  # someone called .train() on it: the teacher stays in eval mode
                 teacher.eval()
 
-    def forward(self, model_inputs: dict, extra: dict, autocast, *, kind: str, temperature: float, class_mask=None):
+    def forward(self, model_inputs: dict, extra: dict, autocast, *, kind: str, temperature: float, class_mask=None,
+                labels=None):
         """The teachers' outputs without autograd; several teachers give one output whose logits are their mixture
-        target (`hf_kd.teachers.combine_outputs`) and the first teacher's other fields."""
-        model_inputs = self.vocab.teacher_inputs(model_inputs)  # its own tokens, or the student's once checked
+        target (`hf_kd.teachers.combine_outputs`) and the first teacher's other fields. `labels`: the batch's (a
+        seq2seq teacher with its own tokenizer reads the target text from them)."""
+        model_inputs = self.vocab.teacher_inputs(model_inputs, labels)  # its own tokens, or the student's once checked
         with torch.no_grad(), autocast:  # mixed precision reaches the teacher too
             outputs = [runner(**model_inputs, **extra) for runner in self.runners]
         if len(outputs) == 1:

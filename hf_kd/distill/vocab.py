@@ -104,11 +104,11 @@ class VocabPlan:
     def __init__(self, classes: int | None = None, teacher_rows: int | None = None, cross=None):
         self.classes, self.teacher_rows, self.cross = classes, teacher_rows, cross
 
-    def teacher_inputs(self, model_inputs: dict) -> dict:
-        """What the teacher's forward pass takes for this batch: its own tokenization across tokenizers, else the
-        student's inputs, once checked against its embeddings."""
+    def teacher_inputs(self, model_inputs: dict, labels=None) -> dict:
+        """What the teacher's forward pass takes for this batch: its own tokenization across tokenizers (seq2seq: of
+        the target text in `labels` too), else the student's inputs, once checked against its embeddings."""
         if self.cross is not None:
-            return self.cross.teacher_inputs(model_inputs)
+            return self.cross.teacher_inputs(model_inputs, labels)
         for key in ID_KEYS:
             problem = id_problem(model_inputs.get(key), self.teacher_rows, f"this batch's {key}")
             if problem:
