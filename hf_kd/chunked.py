@@ -387,37 +387,31 @@ class _HeadGrads:
     def __init__(self, s_hidden: Tensor, w: Tensor, b: Optional[Tensor], needs: tuple[bool, ...]):
         device = s_hidden.device
         self.h = torch.zeros_like(s_hidden) if needs[0] else None  # (..., D)
-        self.w = torch.zeros(w.shape, dtype=_F32, device=device) if needs[1] else None  # (V, D)
+        # The weight's (V, D) sum starts as the first chunk's gradient: no vocabulary-sized buffer filled with zeros
+        # only to be added to (on CPU a fresh (V, D) buffer also costs its page faults).
+        self.w, self.w_shape = None, tuple(w.shape) if needs[1] else None
         self.b = torch.zeros(b.shape, dtype=_F32, device=device) if b is not None and needs[2] else None
 
     def add_logit_grad(self, rows, g: Tensor, h: Tensor, w: Tensor) -> None:
         """Add a chunk's gradient ``g`` (c, V) w.r.t. its logits ``h @ w.T + b``, in the head's compute dtype."""
         if self.h is not None:
             self.h[rows] = (g @ w).to(self.h.dtype)  # (c, D)
-        if self.w is not None:
-            if w.dtype == _F32:
+        if self.w_shape is not None:
+            if self.w is None:
+                self.w = (g.T @ h.to(g.dtype)).float()  # (V, D)
+            elif w.dtype == _F32:
                 self.w.addmm_(g.T, h.to(_F32))  # (V, D), in place
             else:
                 self.w += (g.T @ h.to(g.dtype)).float()
         if self.b is not None:
             self.b += g.sum(0).float()
 
-    def add(self, rows, grads) -> None:
-        """Add a chunk's gradients from autograd: one for each gradient kept (hidden, weight, bias), None if unused."""
-        if self.h is not None and (g := next(grads)) is not None:
-            self.h[rows] = g.to(self.h.dtype)
-        if self.w is not None and (g := next(grads)) is not None:
-            self.w += g
-        if self.b is not None and (g := next(grads)) is not None:
-            self.b += g
-
-    def saved(self, s_weight: Tensor, s_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """The three gradients in the parameters' dtypes for `save_for_backward` (empty where not computed)."""
-        return (
-            self.h if self.h is not None else torch.empty(0),
-            self.w.to(s_weight.dtype) if self.w is not None else torch.empty(0),
-            self.b.to(s_bias.dtype) if self.b is not None else torch.empty(0),
-        )
+    def saved(self, s_weight: Tensor, s_bias: Optional[Tensor]) -> list[Optional[Tensor]]:
+        """The three gradients in the parameters' dtypes (None where not computed), for the backward pass."""
+        w = self.w
+        if w is None and self.w_shape is not None:  # no position at all
+            w = torch.zeros(self.w_shape, dtype=_F32, device=s_weight.device)
+        return [self.h, None if w is None else w.to(s_weight.dtype), None if self.b is None else self.b.to(s_bias.dtype)]
 
 
 @torch.no_grad()
@@ -450,22 +444,24 @@ def _autograd_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _Head
             zt = _logits(t_hidden[rows], tw, tb, call.t_dtype)  # (c, V)
     settings = dict(kind=call.kind, temperature=call.temperature, jsd_beta=call.jsd_beta, normalizer=call.kd_denom)
     ce = None
-    with torch.enable_grad():
-        h = s_hidden[rows].detach().requires_grad_(grads.h is not None)  # (c, D)
+    h = s_hidden[rows]  # (c, D)
+    with torch.no_grad():
         zs = _logits(h, w, b, call.s_dtype)  # (c, V)
+    with torch.enable_grad():
+        zs.requires_grad_()  # autograd through the loss only: the head's products are `add_logit_grad`'s, as above
         loss = torch.zeros((), dtype=_F32, device=s_hidden.device)
         if call.topk is not None:
             kd = topk_distillation_loss(zs, zt.ids, zt.logits, zt.logsumexp, zt.rest_logprob, call.kd_valid[rows],
                                         **settings)
         else:
-            kd = logit_distillation_loss(zs, zt, call.kd_valid[rows], **settings)
+            # without a CE term every row is a distillation row: no mask to apply to the (c, V) logits
+            kd = logit_distillation_loss(zs, zt, None if call.ce_weight is None else call.kd_valid[rows], **settings)
         loss = loss + call.kd_weight * kd
         if call.ce_weight is not None:
             ce = cross_entropy_loss(zs, call.labels[rows], normalizer=call.ce_denom)
             loss = loss + call.ce_weight * ce
-        wanted = [x for x, grad in ((h, grads.h), (w, grads.w), (b, grads.b)) if grad is not None]
-        found = torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ()
-    grads.add(rows, iter(found))
+        (g,) = torch.autograd.grad(loss, zs)  # (c, V), in the head's compute dtype
+    grads.add_logit_grad(rows, g, h, w)
     return kd.detach(), None if ce is None else ce.detach()
 
 
@@ -476,8 +472,8 @@ class _LinearHeadLoss(torch.autograd.Function):
         device = s_hidden.device
         needs = ctx.needs_input_grad
         # The head in its compute dtype (autocast's dtype when the model ran under it), cast once.
-        w = s_weight.detach().to(call.s_dtype or s_weight.dtype).requires_grad_(needs[1])
-        b = None if s_bias is None else s_bias.detach().to(call.s_dtype or s_bias.dtype).requires_grad_(needs[2])
+        w = s_weight.detach().to(call.s_dtype or s_weight.dtype)
+        b = None if s_bias is None else s_bias.detach().to(call.s_dtype or s_bias.dtype)
         tw = t_weight.detach().to(call.t_dtype or t_weight.dtype)
         tb = None if t_bias is None else t_bias.detach().to(call.t_dtype or t_bias.dtype)
         grads = _HeadGrads(s_hidden, w, b, needs)
@@ -494,16 +490,21 @@ class _LinearHeadLoss(torch.autograd.Function):
             kd_sum += kd
             if ce is not None:
                 ce_sum += ce
-        ctx.save_for_backward(*grads.saved(s_weight, s_bias))
-        ctx.has = (grads.h is not None, grads.w is not None, grads.b is not None)
+        # Kept on ctx, not saved for backward: the backward pass hands them on as autograd's only reference, so that
+        # autograd adds a tied weight's other gradient into them in place (no new (V, D) tensor).
+        ctx.grads = grads.saved(s_weight, s_bias)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return kd_sum * (call.kd_weight or 0.0) + ce_sum * (call.ce_weight or 0.0), kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        # kd and ce are returned detached (for logging): only `loss` carries a gradient.
-        stored = ctx.saved_tensors
-        out = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(stored, ctx.has)]
+        # kd and ce are returned detached (for logging): only `loss` carries a gradient. The stored gradients are
+        # scaled in place and given away: no second (V, D) tensor, and no second backward through this graph.
+        if ctx.grads is None:
+            raise RuntimeError("the chunked head loss's gradients were handed on by a first backward pass; a second "
+                               "one through the same graph (retain_graph=True) is not supported: compute the loss again")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return out[0], out[1], out[2], None, None, None, None
 
 
@@ -596,7 +597,8 @@ def linear_head_loss(
     `cross_entropy_loss` on ``labels`` with ``ce_normalizer``. Values and gradients (w.r.t. the student's
     hidden states, weight and bias) equal those of the unchunked losses on the full logits. The teacher
     gets no gradient. Gradients are computed during the forward pass and stored: (..., D) for the hidden
-    states, (V, D) summed in fp32 for the weight; the largest transient tensors are (chunk_size, V).
+    states, (V, D) summed in fp32 for the weight; the largest transient tensors are (chunk_size, V). The backward
+    pass scales them in place and hands them on, so it runs once per call (no ``retain_graph``).
 
     ``teacher_topk`` (instead of ``teacher_hidden`` and ``teacher_weight``): a teacher stored as its top-k
     classes (`TopK`, one row per position of ``mask``, in row-major order, as `hf_kd.teacher_cache` saves

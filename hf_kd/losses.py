@@ -203,9 +203,11 @@ def logit_distillation_loss(
     valid = _valid_mask(mask, shape[:-1], device)  # (...)
     cmask = _class_mask(class_mask, shape, device)  # (..., C) or None
 
-    # Safe values at masked positions: garbage there cannot reach forward or backward.
-    zs = torch.where(valid[..., None], student_logits.float(), 0.0)  # (..., C)
-    zt = torch.where(valid[..., None], teacher_logits.float(), 0.0)  # (..., C)
+    # Safe values at masked positions: garbage there cannot reach forward or backward (no mask: nothing to hide).
+    zs, zt = student_logits.float(), teacher_logits.float()  # (..., C)
+    if mask is not None:
+        zs = torch.where(valid[..., None], zs, 0.0)  # (..., C)
+        zt = torch.where(valid[..., None], zt, 0.0)  # (..., C)
 
     if kind == "mse":
         if cmask is not None:
@@ -217,8 +219,10 @@ def logit_distillation_loss(
         per_pos = (zs - zt).pow(2).sum(-1) / n_cls  # (...)
         return _reduce(per_pos, valid, normalizer)
 
-    log_ps = _safe_log_softmax(zs / temperature, cmask)  # (..., C)
-    log_pt = _safe_log_softmax(zt / temperature, cmask)  # (..., C)
+    if temperature != 1.0:  # z / 1.0 is z: no (..., C) pass for it, nor its backward
+        zs, zt = zs / temperature, zt / temperature  # (..., C)
+    log_ps = _safe_log_softmax(zs, cmask)  # (..., C)
+    log_pt = _safe_log_softmax(zt, cmask)  # (..., C)
     terms = _divergence_terms(log_pt, log_ps, kind, jsd_beta)  # (..., C)
     if cmask is not None:
         terms = torch.where(cmask, terms, 0.0)  # (..., C)

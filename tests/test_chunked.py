@@ -303,6 +303,84 @@ def test_no_tokens_by_vocabulary_tensor_is_made():
         assert sorted(seen.sizes)[-2] <= 2 * chunk * v and max(seen.sizes) == n * v, kind  # the gradient alone
 
 
+class NewWeightSized(TorchDispatchMode):
+    """Counts the tensors of new storage with `numel` elements that operators make while active (in-place results
+    and views are not new)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.made = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        known = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        self.made += [str(func) for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.numel() == self.numel
+                      and t.untyped_storage().data_ptr() not in known]
+        return out
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_head_loss_makes_no_zero_filled_or_rescaled_copy_of_the_weight_gradient(kind):
+    """The profile of an on-policy step (SmolLM2 shapes, V x D = 49152 x 576) showed three vocabulary-sized buffers
+    per step beyond the gradient itself: zeros to sum the chunks into, the gradient times the incoming scalar in
+    backward, and the zeros of a slice's backward (see test_distill_head_route). The weight's gradient is now the
+    first chunk's product, the others added in place (autograd reaches the chunk's logits only, the head's products
+    are ours), and it is scaled in place: one (V, D) tensor in all. Values equal the unchunked loss's."""
+    hs, ht, ws, _, wt, _, labels = _data(8)
+    leaves = [x.requires_grad_() for x in (hs, ws)]
+    mask = labels != -100
+    ref, _, _ = _head_reference(hs, ws, None, ht, wt, None, mask, labels, kind, 1.0, 13.0, 0.6, 0.4)
+    g_ref = torch.autograd.grad(3 * ref, leaves)
+    chunk, n_rows = 4, int(mask.sum())  # no (chunk, V) or (2, chunk, V) tensor has V * D elements
+    with NewWeightSized(V * D) as seen:
+        out = linear_head_loss(hs, ws, ht, wt, mask, labels, kd_weight=0.6, ce_weight=0.4, kind=kind, jsd_beta=0.3,
+                               normalizer=13.0, ce_normalizer=9.0, chunk_size=chunk)
+        g = torch.autograd.grad(3 * out.loss, leaves)
+    assert n_rows > 2 * chunk and seen.made == ["aten.mm.default"], seen.made  # several chunks, one weight gradient
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # no position at all: the weight's gradient is still zeros of its shape
+    none = linear_head_loss(hs, ws, ht, wt, torch.zeros(B, T, dtype=torch.bool), kind=kind, chunk_size=chunk)
+    (gw,) = torch.autograd.grad(none.loss, ws)
+    assert gw.shape == ws.shape and not gw.any()
+
+
+def test_a_tied_weight_gets_its_embedding_gradient_added_in_place():
+    """SmolLM2 ties its embedding to its head. The head loss hands autograd its (V, D) gradient as the only
+    reference, scaled in place, so autograd adds the embedding's gradient into it in place (add_, not add: no new
+    tensor) and keeps it as .grad; the gradient equals autograd's on the full logits. (Counted with the profiler: a
+    dispatch mode would itself keep autograd from accumulating in place.)"""
+    from torch.profiler import profile
+
+    hs, ht, ws, _, wt, _, labels = _data(10)
+    ws.requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = labels != -100
+    with profile(record_shapes=True) as prof:
+        h = hs + torch.nn.functional.embedding(ids, ws)  # (B, T, D)
+        linear_head_loss(h, ws, ht, wt, mask, kind="reverse_kl", chunk_size=5).loss.backward()
+    ops = {e.key: e.count for e in prof.key_averages(group_by_input_shape=True)
+           if e.key in ("aten::add", "aten::add_", "aten::mul", "aten::mul_") and [V, D] in e.input_shapes}
+    assert ops == {"aten::mul_": 1, "aten::add_": 1}, ops
+    ref = ws.detach().clone().requires_grad_()
+    h = hs + torch.nn.functional.embedding(ids, ref)
+    logit_distillation_loss(h @ ref.T, ht @ wt.T, mask, kind="reverse_kl").backward()
+    torch.testing.assert_close(ws.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_head_loss_refuses_a_second_backward_through_its_in_place_scaled_gradients():
+    """The stored gradients are scaled in place and handed on by the first backward: a second one (retain_graph)
+    is refused with a message rather than given twice-scaled gradients."""
+    hs, ht, ws, _, wt, _, labels = _data(9)
+    hs.requires_grad_()
+    out = linear_head_loss(hs, ws, ht, wt, labels != -100, kind="reverse_kl", chunk_size=4)
+    (2 * out.loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        out.loss.backward()
+
+
 def test_bad_chunk_size_and_missing_inputs_are_refused():
     hs, ht, ws, _, wt, _, labels = _data()
     with pytest.raises(ValueError, match="chunk_size"):

@@ -59,3 +59,40 @@ def test_terms_through_the_heads_equal_the_terms_on_the_logits(tmp_path):
 def test_encoders_never_take_the_route(tmp_path):
     route = HeadRoute(_args(tmp_path), "sequence_classification", make_bert(), None, 1, chunk=0)
     assert route.taps(make_bert(), SINGLE) == (None, None)
+
+
+def _nodes_before(loss: torch.Tensor, param: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes whose gradient flows straight into `param`."""
+    seen, stack, found = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and getattr(child, "variable", None) is param:
+                found.add(type(node).__name__)
+            stack.append(child)
+    return found
+
+
+@pytest.mark.parametrize("classes", [None, 60])
+def test_the_head_weight_reaches_the_loss_without_a_slice_unless_the_vocabulary_is_cut(tmp_path, classes):
+    """The route used to hand the loss ``weight[:classes]`` also when classes was None (every row): a slice whose
+    backward fills a (V, D) buffer with zeros and copies the gradient into it each step (the on-policy profile's
+    largest avoidable cost on SmolLM2 shapes). The weight itself goes to the loss now; a padded pair still cuts."""
+    args = _args(tmp_path, alpha=0.5, logit_chunk_size=3)
+    student, teacher = make_llama(seed=1), make_llama(seed=2)
+    route = HeadRoute(args, "causal_lm", teacher, teacher, 1, chunk=3)
+    s_tap, t_tap = route.taps(student, SINGLE)
+    batch = random_batch("causal_lm", batch=2, length=6)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with s_tap, t_tap:
+        s_out = student(**inputs)
+        with torch.no_grad():
+            t_out = teacher(**inputs)
+    heads = route.verified(s_tap, t_tap, s_out, t_out)
+    counts = {k: v.clamp_min(1) for k, v in count_items("causal_lm", batch, "cpu").items()}
+    loss, _ = route.terms(heads, batch, logit_targets("causal_lm", batch, s_out, t_out, classes), counts, 1.0, 0.5)
+    assert _nodes_before(loss, student.lm_head.weight) == ({"_LinearHeadLossBackward"} if classes is None
+                                                            else {"SliceBackward0"})

@@ -233,6 +233,31 @@ def test_the_teacher_scores_exactly_the_prompt_plus_the_generated_ids(tmp_path):
         assert ids[i][mask[i].bool()].tolist() == expected.tolist()
 
 
+def test_an_on_policy_step_runs_each_model_as_trl_does_and_no_more(tmp_path):
+    """Per optimizer step of on-policy reverse KL through the heads (the profile behind scripts/bench.py --onpolicy,
+    compared with trl.DistillationTrainer): the student runs max_new_tokens forward passes in `generate` and one
+    with autograd, the teacher one, neither is asked for hidden states or attention maps, and after the first
+    step (which checks the route on full logits) each head computes logits for one position only."""
+    student, teacher = make_llama(seed=1), make_llama(layers=3, seed=2)
+    calls, heads = [], []
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.register_forward_pre_hook(
+            lambda m, a, k, name=name: calls.append((name, torch.is_grad_enabled(), k.get("output_hidden_states"),
+                                                     k.get("output_attentions"))), with_kwargs=True)
+        model.lm_head.register_forward_hook(
+            lambda m, a, out, name=name: heads.append((name, torch.is_grad_enabled(), out.shape[-2])))
+    steps, new = 3, 4
+    trainer(tmp_path, student=student, teacher=teacher, lmbda=1.0, kd_loss="reverse_kl", max_steps=steps,
+            logit_chunk_size=4, per_device_train_batch_size=4,
+            generation_config={"max_new_tokens": new, "min_new_tokens": new, "do_sample": True}).train()
+    assert calls.count(("student", False, None, None)) == steps * new  # generate: the KV cache, no autograd
+    assert calls.count(("student", True, None, None)) == steps
+    assert calls.count(("teacher", False, None, None)) == steps and len(calls) == steps * (new + 2)
+    trained = [(name, kept) for name, grad, kept in heads if grad or name == "teacher"]  # not generate's
+    assert [name for name, _ in trained] == ["student", "teacher"] * steps
+    assert all(kept > 1 for _, kept in trained[:2]) and all(kept == 1 for _, kept in trained[2:])
+
+
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_labels_mask_the_prompt_and_everything_after_the_first_eos(tmp_path, pad_is_eos):
     tok = gen_tokenizer(pad_is_eos)

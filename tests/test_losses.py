@@ -225,6 +225,40 @@ def test_logit_padding_invariance_with_garbage(kind):
 
 
 @pytest.mark.parametrize("kind", KD_LOSSES)
+def test_without_mask_at_temperature_1_the_logits_are_neither_masked_nor_divided(kind):
+    """The chunked head route hands a chunk of distillation rows only (no mask) at T = 1 (on-policy reverse KL):
+    the profile showed three (rows, V) `where` and three divisions by 1.0 per chunk (forward and backward) that
+    changed nothing. They are skipped; the value and gradient equal the all-valid mask's, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullOps(TorchDispatchMode):  # the operators that make a (positions, classes) tensor
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (6, 11):
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    def run(mask, temperature):
+        zs = _randn(6, 11, seed=1).requires_grad_()
+        with FullOps() as forward:
+            loss = logit_distillation_loss(zs, _randn(6, 11, seed=2), mask, kind=kind, temperature=temperature)
+        with FullOps() as backward:
+            (g,) = torch.autograd.grad(loss, zs)
+        return loss, g, forward.names, backward.names
+
+    loss, g, forward, backward = run(None, 1.0)
+    assert not {"where", "div"} & set(forward) and "div" not in backward, (forward, backward)
+    ref, g_ref, masked_forward, masked_backward = run(torch.ones(6, dtype=torch.bool), 2.0 if kind != "mse" else 1.0)
+    assert masked_forward.count("where") == 2 and backward.count("where") < masked_backward.count("where")
+    ref, g_ref, _, _ = run(torch.ones(6, dtype=torch.bool), 1.0)
+    assert torch.equal(loss, ref) and torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
 def test_logit_all_masked_gives_zero_and_zero_grads(kind):
     zs = _garbage_like(torch.empty(2, 3, 4), 3)
     zt = _garbage_like(torch.empty(2, 3, 4), 4)

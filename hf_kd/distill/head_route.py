@@ -61,6 +61,14 @@ def route_problem(student, teacher, uses_teacher_logits: bool, backend) -> str |
     return None
 
 
+def kept_rows(x: torch.Tensor, classes: int | None) -> torch.Tensor:
+    """The first `classes` rows of a head's weight or bias, or the tensor itself when it has no more (None: all).
+
+    A slice, even of every row, puts a SliceBackward node before the weight: its backward fills a (V, D) buffer
+    with zeros and copies the gradient into it, each step."""
+    return x if classes is None or classes >= x.shape[0] else x[:classes]
+
+
 class HeadRoute:
     """Whether the logit losses go through the heads (`active`: None until checked on the first batch)."""
 
@@ -134,10 +142,12 @@ class HeadRoute:
         if kd_weight is not None and self.teacher is None:  # teacher_cache: its rows of this batch, checked
             topk = cached_topk(batch, targets.mask)
             temperature = args.temperature  # the cache's (temperature schedules are refused with a cache)
-        cut = slice(0, targets.classes)  # the shared vocabulary of a padded pair (all rows when None)
-        bias = [tap.head.bias[cut] if tap is not None and tap.head.bias is not None else None for tap in (s_tap, t_tap)]
+        kept = targets.classes  # the shared vocabulary of a padded pair (None: every row)
+        weight = [kept_rows(tap.head.weight, kept) if tap is not None else None for tap in (s_tap, t_tap)]
+        bias = [kept_rows(tap.head.bias, kept) if tap is not None and tap.head.bias is not None else None
+                for tap in (s_tap, t_tap)]
         out = linear_head_loss(
-            hs, s_tap.head.weight[cut], ht, t_tap.head.weight[cut] if t_tap is not None else None, targets.mask, labels,
+            hs, weight[0], ht, weight[1], targets.mask, labels,
             teacher_topk=topk, student_bias=bias[0], teacher_bias=bias[1],
             kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=temperature,
             jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"], chunk_size=self.chunk,
