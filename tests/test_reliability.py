@@ -439,4 +439,5 @@ def test_cli_refuses_an_empty_split(tiny_recipe):
 
 
 def test_cli_refuses_max_length_beyond_the_models_positions(tiny_recipe):
-    _cli_refused(tiny_recipe, r"max_length=100 is longer than the teacher tokenizer's model_max_length=64", max_length=100)
+    _cli_refused(tiny_recipe, r"max_length=100 is longer than the tokenizer's model_max_length=64 \(.*teacher: the model's "
+                 r"maximum positions\); set max_length to 64 or less", max_length=100)
