@@ -189,7 +189,6 @@ def causal_lm_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder
     from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_kd import DistillationConfig, DistillationTrainer
-    from hf_kd.apps.offline import resolve_model
 
     size = {**SIZES["quick" if quick else "full"], **({"steps": steps} if steps else {})}
     labelled, unlabelled, test = _data(size)
