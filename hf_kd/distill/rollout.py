@@ -232,17 +232,15 @@ def room_needed(args) -> int:
     return args.generation_config.max_new_tokens if generates(args) or args.eval_generation else 1
 
 
-def unreadable_ids(args, student, teacher, tokenizer) -> list[int]:
+def unreadable_ids(student, teacher, tokenizer) -> list[int]:
     """Ids that generation must not produce because a model that reads the completions cannot embed them.
 
-    The student trains on every completion and the teacher scores it (unless it re-tokenizes the text, with
-    ``teacher_tokenizer``). With one tokenizer and embeddings padded to different sizes (Qwen2.5: 151,936 vs
+    The student trains on every completion and the teacher scores it (`prepare` calls this only when the teacher
+    reads the student's ids, not across tokenizers). With one tokenizer and embeddings padded to different sizes (Qwen2.5: 151,936 vs
     152,064 rows for 151,665 tokens), the ids past the smaller model's rows are padding, never a token: they are
     suppressed. When the tokenizer's own tokens do not fit, the pair is refused."""
     if teacher is None:
         return []
-    if args.teacher_tokenizer is not None:  # the teacher reads its own tokenization of the completions' text
-        return []  # (with seq_kd it writes its own: hf_kd.distill.cross_generation)
     size = lambda m: m.config.get_text_config().vocab_size  # noqa: E731 - output ids a model generates
     rows = {name: embedding_rows(m) or size(m) for name, m in (("student", student), ("teacher", teacher))}
     reader = min(rows, key=rows.get)  # the model that embeds the fewest ids
@@ -300,7 +298,7 @@ def prepare(kwargs: dict, args, task: str, student, teacher, cross=None) -> Roll
                          "eval_generation=False.")
     # across tokenizers the teacher reads text, not the student's ids
     needs_ids = cross is None and (generates(args) or args.eval_generation)
-    suppressed = unreadable_ids(args, student, teacher, tokenizer) if needs_ids else []
+    suppressed = unreadable_ids(student, teacher, tokenizer) if needs_ids else []
     models = [m for m in (student, teacher) if m is not None]
     limit = min((c for c in map(context_limit, models) if c), default=None)
     problem = context_problem(args.max_prompt_length or 0, room_needed(args), limit, task == "seq2seq_lm",
