@@ -90,7 +90,7 @@ def parse_student_layers(value) -> int | list[int]:
     """`student_layers` as given (an int, a list, or their JSON/YAML text): a number of layers or 1-based layers."""
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value)
+            value = yaml.safe_load(value if "," not in value or "[" in value else f"[{value}]")  # 2,5 = [2, 5]
         except yaml.YAMLError:
             value = None
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731

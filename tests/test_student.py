@@ -84,12 +84,12 @@ def test_a_number_of_layers_outside_the_teacher_is_refused(n):
         uniform_layers(6, n)
 
 
-@pytest.mark.parametrize("text, expected", [("3", 3), (3, 3), ("[1, 3, 5]", [1, 3, 5]), ([2, 4], [2, 4])])
+@pytest.mark.parametrize("text, expected", [("3", 3), (3, 3), ("[1, 3, 5]", [1, 3, 5]), ([2, 4], [2, 4]), ("2,5", [2, 5]), ("1, 3, 5", [1, 3, 5])])
 def test_student_layers_is_a_count_or_a_list(text, expected):
     assert parse_student_layers(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["[]", "three", "[1, 'a']", "{a: 1}", "1.5", "true"])
+@pytest.mark.parametrize("bad", ["[]", "three", "[1, 'a']", "{a: 1}", "1.5", "true", "1,a", "1,,2"])
 def test_student_layers_of_another_shape_are_refused(bad):
     with pytest.raises(ValueError, match="neither a number of layers"):
         parse_student_layers(bad)
