@@ -17,7 +17,9 @@ def test_default_pipeline_on_a_slice_of_the_real_reviews(tmp_path):
             "--logging_steps", "1", "--output_dir", str(out), "--cache_dir", str(cache)]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["train_rows"] == 96 and results["student_init"] == "teacher layers [1, 3, 5]"
+    assert results["train_rows"] == 96
+    # The default student: the teacher's layers 1, 3, 5 with their MLPs pruned by importance to 1,152 neurons.
+    assert results["student_init"].startswith("the teacher pruned by importance on 96 training rows: layers [1, 3, 5]")
     assert results["unlabelled_rows"] == 64
     assert results["distilled"]["steps"] == results["baseline"]["steps"] == 5  # ceil(160 / 32), one epoch
     for name in ("teacher_model", "distilled", "baseline"):
@@ -34,7 +36,8 @@ def test_default_pipeline_on_a_slice_of_the_real_reviews(tmp_path):
     assert rows["distilled"]["parameters"] < rows["teacher"]["parameters"]
     assert rows["distilled"]["latency_b32_ms"] > 0 and rows["teacher"]["size_mb"] > rows["distilled"]["size_mb"]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 3 and saved["intermediate_size"] == 1152 and saved["hidden_size"] == 384
     assert (out / "baseline" / "model.safetensors").is_file()
     # The fine-tuned teacher is cached: a second run reuses it instead of training again.
     teachers = list((cache / "teachers").iterdir())
