@@ -4,8 +4,8 @@
     python scripts/cross_tokenizer_quality.py causal-lm --seeds 0 1 2
     python scripts/cross_tokenizer_quality.py classification --quick --seeds 0 --workers 1   # a smoke run on CPU
 
-classification: the demo's teacher, all-MiniLM-L6-v2 (uncased WordPiece), fine-tuned on the labelled rows as
-in the demo (recipes/rotten_tomatoes.yaml: 2 epochs at 1e-4), teaches a student with SmolLM2's tokenizer
+classification: the demo's teacher, all-MiniLM-L6-v2 (uncased WordPiece), fine-tuned on the 2,000 labelled rows
+(2 epochs at 1e-4, as the demo's teacher was before its default moved to 10,000 rows), teaches a student with SmolLM2's tokenizer
 (byte-level BPE): SmolLM2-135M's first `--student_layers` layers with a fresh classification head. The
 distilled student trains on the labelled rows (CE + KD) and the unlabelled transfer rows (KD only); the
 baseline, the same student from the same initialisation, on the labelled rows alone, for the same steps.
