@@ -4,6 +4,7 @@
     python scripts/bench.py --preset gpu    # a larger pair on a CUDA device (its default there), in bf16
     python scripts/bench.py --steps 1 --reps 2 --skip trl   # quicker; any section can be skipped
     python scripts/bench.py --onpolicy --steps 2 --reps 2   # on-policy: hf_kd vs trl.DistillationTrainer
+    python scripts/bench.py --onpolicy --malloc fixed       # the same, peak memory without glibc's retained blocks
 
 Every variant trains the same student (same initial weights, AdamW, same batch) against the same teacher
 with the same divergence (forward KL(teacher || student), T = 1: TRL's GKD loss with beta = 0, computed
@@ -475,6 +476,19 @@ def onpolicy_case(name: str, args) -> dict:
     return {"step_s": steps, "peak_mib": peak, "student_params": n_params(student), "teacher_params": n_params(teacher)}
 
 
+def _malloc_env(mode: str) -> dict:
+    """The environment of a measured process. On CPU the peak is the resident set, which also counts memory that
+    glibc's malloc keeps after a tensor is freed: its mmap threshold rises to the size of each freed block (up to
+    32 MiB), so later blocks below it come from a heap that is not given back, and two runs with the same live
+    tensors can differ by 100 MiB with the order of their allocations. `fixed` pins the threshold at 1 MiB for
+    every variant alike (MALLOC_MMAP_THRESHOLD_): freed large blocks go back at once and the peak follows the
+    memory tensors hold, as torch.cuda.max_memory_allocated does on a GPU. `default` measures as a user runs."""
+    env = dict(os.environ)
+    if mode == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    return env
+
+
 def onpolicy_section(args) -> dict:
     """hf_kd vs trl.DistillationTrainer, on-policy (generate, no vLLM): each repetition runs both, interleaved, each
     in a fresh process; medians of the step times and of the peak memory."""
@@ -484,7 +498,7 @@ def onpolicy_section(args) -> dict:
             cmd = [sys.executable, __file__, "--_onpolicy_case", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--onpolicy_batch", str(args.onpolicy_batch), "--onpolicy_tokens",
                    str(args.onpolicy_tokens), "--onpolicy_layers", *map(str, args.onpolicy_layers)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_malloc_env(args.malloc))
             lines = [line for line in proc.stdout.splitlines() if line.startswith("ONPOLICY ")]
             if proc.returncode or not lines:
                 print(f"[bench] on-policy {name} failed:\n{proc.stderr[-3000:]}", flush=True)
@@ -502,7 +516,7 @@ def onpolicy_section(args) -> dict:
         summary["ratios"] = {"step time hf_kd / trl": summary["hf_kd"]["step_s"] / summary["trl"]["step_s"],
                              "peak memory hf_kd / trl": summary["hf_kd"]["peak_mib"] / summary["trl"]["peak_mib"]}
         print(f"\non-policy, SmolLM2-135M-Instruct -> layers {args.onpolicy_layers}, batch {args.onpolicy_batch}, "
-              f"{args.onpolicy_tokens} generated tokens:")
+              f"{args.onpolicy_tokens} generated tokens; malloc {args.malloc}:")
         for name in ("hf_kd", "trl"):
             print(f"  {name:6s} {summary[name]['step_s']:8.2f} s/step  {summary[name]['peak_mib']:8.0f} MiB peak")
         for label, value in summary["ratios"].items():
@@ -535,6 +549,9 @@ def main() -> int:
     parser.add_argument("--onpolicy_layers", type=int, nargs="+", default=[10, 20, 30])
     parser.add_argument("--onpolicy_batch", type=int, default=4)
     parser.add_argument("--onpolicy_tokens", type=int, default=16)
+    parser.add_argument("--malloc", choices=("default", "fixed"), default="default",
+                        help="on-policy on CPU: glibc's malloc as is, or its mmap threshold fixed at 1 MiB for every "
+                        "variant so that the peak resident set follows live tensors (see _malloc_env)")
     parser.add_argument("--_memory_case", help=argparse.SUPPRESS)
     parser.add_argument("--_onpolicy_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
