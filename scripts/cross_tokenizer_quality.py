@@ -123,7 +123,8 @@ def _smol_student(layers: int, seed: int):
     return model, tok
 
 
-def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str, steps=None) -> dict:
+def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_folder: str, steps=None,
+                        learning_rate: float = 1e-4) -> dict:
     import datasets
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -137,13 +138,14 @@ def classification_seed(seed: int, out: str, quick: bool, layers: int, teacher_f
         enc = functools.partial(tok, truncation=True, max_length=size["max_length"])
         lab = labelled.map(lambda b: enc(b["text"]), batched=True, remove_columns=["text"]).rename_column("label", "labels")
         if arm == "baseline":
-            args = _args(TrainingArguments, Path(out) / f"seed{seed}" / arm, seed, size["steps"])
+            args = _args(TrainingArguments, Path(out) / f"seed{seed}" / arm, seed, size["steps"],
+                         learning_rate=learning_rate)
             trainer = Trainer(model=model, args=args, train_dataset=lab, data_collator=DataCollatorWithPadding(tok))
         else:
             unl = unlabelled.map(lambda b: {**enc(b["text"]), "labels": [-100] * len(b["text"])}, batched=True,
                                  remove_columns=["text", "label"])
             args = _args(DistillationConfig, Path(out) / f"seed{seed}" / arm, seed, size["steps"], alpha=0.5,
-                         temperature=2.0, teacher_tokenizer=teacher_folder)
+                         temperature=2.0, teacher_tokenizer=teacher_folder, learning_rate=learning_rate)
             trainer = DistillationTrainer(model=model, teacher_model=teacher_folder, args=args,
                                           train_dataset=datasets.concatenate_datasets([lab, unl]).shuffle(seed=seed),
                                           processing_class=tok, data_collator=DataCollatorWithPadding(tok))
@@ -227,6 +229,8 @@ def main(argv=None) -> None:
     parser.add_argument("--student_layers", type=int, default=None,
                         help="classification: SmolLM2 layers kept (default 4; quick 2); causal-lm: student layers (2)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every arm (default: the size's)")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="classification: both arms' learning rate (default 1e-4)")
     parser.add_argument("--output_dir", default="runs/cross_tokenizer_quality")
     add_seed_arguments(parser)
     args = parser.parse_args(argv)
@@ -246,10 +250,12 @@ def main(argv=None) -> None:
         job, arms, base, higher = causal_lm_seed, ("ce_only", "uld", "hybrid"), "ce_only", False
     seeds, seeds_note = seeds_of(args)
     runs = run_seeds(functools.partial(job, out=str(out), quick=args.quick, layers=layers, teacher_folder=teacher_folder,
-                                       steps=args.steps),
+                                       steps=args.steps,
+                                       **({"learning_rate": args.learning_rate} if args.learning_rate else {})),
                      seeds, args.workers)
     table = summarize({arm: [r[arm] for r in runs] for arm in arms}, base, teacher_accuracy, higher_is_better=higher)
-    result = {"pair": args.pair, "quick": args.quick, "sizes": {**size, "steps": args.steps or size["steps"]}, "student_layers": layers, "seeds": seeds, "seeds_note": seeds_note,
+    result = {"pair": args.pair, "quick": args.quick, "sizes": {**size, "steps": args.steps or size["steps"]}, "student_layers": layers,
+              "learning_rate": args.learning_rate, "seeds": seeds, "seeds_note": seeds_note,
               "teacher_accuracy": teacher_accuracy, "runs": runs, "table": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(("teacher accuracy: %.4f\n" % teacher_accuracy if teacher_accuracy is not None else "") + table)
