@@ -106,6 +106,26 @@ def test_the_default_recipe_is_used_without_config():
     assert run.baseline and run.report
 
 
+def test_a_student_named_later_replaces_the_one_named_below_it(tmp_path):
+    # The default prunes the teacher; a recipe built on it, or the command line, may name another student.
+    model = parse_distill_args([])[0]
+    assert model.student_prune is not None and model.student_layers is None
+    for argv in (["--student_layers", "3"], ["--student_layers=3"]):
+        model = parse_distill_args(argv)[0]
+        assert model.student_layers == "3" and model.student_prune is None
+    derived = tmp_path / "derived.yaml"
+    derived.write_text(f"base: {PACKAGED / 'rotten_tomatoes.yaml'}\nstudent_config: {{num_hidden_layers: 2}}\n")
+    model = parse_distill_args(["--config", str(derived)])[0]
+    assert model.student_config is not None and model.student_prune is None and model.student_layers is None
+    # Two students in one place are still refused.
+    with pytest.raises(SystemExit, match="student_prune .* alone"):
+        parse_distill_args(["--student_layers", "3", "--student_prune", "{layers: 2}"])
+    both = tmp_path / "both.yaml"
+    both.write_text("student_layers: 3\nstudent_prune: {layers: 2}\nteacher_model_name_or_path: x\ndataset_name: d\n")
+    with pytest.raises(SystemExit, match="student_prune .* alone"):
+        parse_distill_args(["--config", str(both)])
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     """A recipe over config-built tiny models and a toy CSV, all in tmp_path."""

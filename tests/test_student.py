@@ -267,8 +267,11 @@ def test_recipe_student_fields_are_checked_when_parsed(tmp_path):
                       "student_layers: 2\n")
     model = parse_distill_args(["--config", str(recipe)])[0]
     assert parse_student_layers(model.student_layers) == 2
+    # A student_config on the command line replaces the recipe's student_layers; both on one line are refused.
+    model = parse_distill_args(["--config", str(recipe), "--student_config", "{hidden_size: 8}"])[0]
+    assert model.student_layers is None and parse_student_config(model.student_config) == {"hidden_size": 8}
     with pytest.raises(SystemExit, match="not both"):
-        parse_distill_args(["--config", str(recipe), "--student_config", "{hidden_size: 8}"])
+        parse_distill_args(["--config", str(recipe), "--student_config", "{hidden_size: 8}", "--student_layers", "2"])
     with pytest.raises(SystemExit, match="neither a number of layers"):
         parse_distill_args(["--config", str(recipe), "--student_layers", "two"])
     # The command line can swap the recipe's student_layers for a student_config.

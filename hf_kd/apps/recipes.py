@@ -53,9 +53,7 @@ def load_recipe(path: str | Path, quick: bool = False) -> dict:
     if quick and not quick_block:
         raise SystemExit(f"hf-kd: --quick applies a recipe's quick: block, and {path} has none; drop --quick, or add "
                          "a quick: block of overrides (e.g. max_train_samples: 256) to the recipe.")
-    if quick:
-        recipe.update(quick_block)
-    return recipe
+    return overlay(recipe, quick_block) if quick else recipe
 
 
 def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
@@ -81,7 +79,25 @@ def _read_recipe(path: Path, seen: tuple) -> tuple[dict, dict]:
     if base is None:
         return recipe, quick_block
     fields, base_quick = _read_recipe(path.parent / base, (*seen, path.resolve()))
-    return {**fields, **recipe}, {**base_quick, **quick_block}
+    return overlay(fields, recipe), overlay(base_quick, quick_block)
+
+
+#: The ways to make a student from the teacher: one choice, so a layer that names one replaces the others below it.
+STUDENT_CHOICE = ("student_layers", "student_config", "student_prune")
+
+
+def overlay(lower: dict, upper: dict) -> dict:
+    """`upper`'s fields over `lower`'s (a recipe over its base, a quick block over its recipe). A student named in
+    `upper` (student_layers, student_config or student_prune) replaces the one `lower` names, instead of both being
+    given at once: a recipe whose base prunes the teacher can still say `student_layers: 3`."""
+    if any(k in upper for k in STUDENT_CHOICE):
+        lower = {k: v for k, v in lower.items() if k not in STUDENT_CHOICE}
+    return {**lower, **upper}
+
+
+def _flags(argv: list[str]) -> set[str]:
+    """The option names a command line gives (`--name value` or `--name=value`)."""
+    return {w[2:].split("=")[0] for w in argv if w.startswith("--")}
 
 
 def _argv_from_recipe(recipe: dict, parser: argparse.ArgumentParser) -> list[str]:
@@ -143,6 +159,8 @@ def parse_recipe_args(types, argv: list[str], prog: str, default_config=None) ->
         raise SystemExit(0)
     recipe = load_recipe(known.config, quick=known.quick)
     check_keys(recipe, parser, str(known.config))
+    # A student named on the command line replaces the recipe's (None: no value from the recipe).
+    recipe = overlay(recipe, dict.fromkeys(_flags(rest) & set(STUDENT_CHOICE)))
     argv = _argv_from_recipe(recipe, parser) + rest
     _unknown_flags(argv, parser, prog)
     try:
