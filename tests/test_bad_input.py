@@ -120,7 +120,7 @@ CASES = [
     case("loss", "minilm_relation_heads 0", f"{D} --attention_weight 1 --attention_loss minilm "
          "--minilm_relation_heads 0", 1, "minilm_relation_heads=0 must be a positive integer"),
     # ---- the student and the teacher
-    case("student", "student_layers and student_config both", f"{D} --student_config '{{hidden_size: 8}}'", 1,
+    case("student", "student_layers and student_config both", f"{D} --student_layers 2 --student_config '{{hidden_size: 8}}'", 1,
          "not both"),
     case("student", "student_layers that is no number or list", f"{D} --student_layers some", 1,
          "student_layers='some'"),
