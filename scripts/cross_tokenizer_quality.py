@@ -234,6 +234,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default="runs/cross_tokenizer_quality")
     add_seed_arguments(parser)
     args = parser.parse_args(argv)
+    if args.learning_rate is not None and args.pair != "classification":
+        parser.error("--learning_rate sets the classification arms; the causal-lm arms train at 1e-3.")
     out = Path(args.output_dir) / args.pair
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES["quick" if args.quick else "full"]
