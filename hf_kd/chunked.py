@@ -301,14 +301,16 @@ def _ce_value(z: Tensor, lse: Tensor, ids: Tensor, valid: Tensor, denom: Tensor)
     return torch.where(valid, lse - z.gather(-1, ids)[:, 0], 0.0).sum() / denom.clamp_min(1.0)
 
 
-def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws):
-    """Forward KL and cross entropy of one chunk of rows, and the gradient of their weighted sum with respect
-    to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T and d CE / d z =
-    softmax(z) - onehot(label) (each over its denominator). ``z`` is the student's fp32 logits (c, V), ``target``
-    the teacher's fp32 logits (c, V) or a `TopK` chunk, both in buffers of the workspace ``ws`` (they are
-    overwritten). The same values and gradients as autograd through `logit_distillation_loss` /
-    `topk_distillation_loss` / `cross_entropy_loss` (tests), with few passes over (c, V) tensors and no new ones:
-    one softmax per model (shared with CE at T = 1), batched dot products for the KL value.
+def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws,
+                 kind="forward_kl"):
+    """Forward or reverse KL and cross entropy of one chunk of rows, and the gradient of their weighted sum with
+    respect to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T,
+    d KL(p_s || p_t) / d z_s = p_s (log p_s - log p_t - KL) / T, and d CE / d z = softmax(z) - onehot(label) (each
+    over its denominator). ``z`` is the student's fp32 logits (c, V), ``target`` the teacher's fp32 logits (c, V)
+    or a `TopK` chunk (forward KL only), both in buffers of the workspace ``ws`` (they are overwritten). The same
+    values and gradients as autograd through `logit_distillation_loss` / `topk_distillation_loss` /
+    `cross_entropy_loss` (tests), with few passes over (c, V) tensors and no new ones: one softmax per model
+    (shared with CE at T = 1), batched dot products for the KL value.
     Returns (gradient (c, V) in a workspace buffer, kd, ce)."""
     c = z.shape[0]
     kd = torch.zeros((), dtype=_F32, device=z.device)
@@ -341,9 +343,16 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
     else:
         zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         pt, lse_t = _softmax_into(ws.get("pt", c), zt)
-        # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
-        per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)
-        g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
+        if kind == "forward_kl":
+            # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
+            per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)
+            g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
+        else:  # reverse KL, in the teacher's logit buffer: log p_s - log p_t = (z_s - z_t) / T - lse_s + lse_t
+            log_ratio = zt.sub_(zs_T).neg_()  # (c, V): (z_s - z_t) / T, for now
+            per_row = _rowdot(ps, log_ratio) - lse_s + lse_t  # (c,): sum p_s log(p_s / p_t) (as sum p_s = 1)
+            g = log_ratio.add_((lse_t - lse_s - per_row)[:, None]).mul_(ps).mul_(kd_scale)  # p_s (log ratio - KL)
+            if shared:
+                g.addcmul_(ps, ce_scale)
     kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
     if ce_weight is not None and not shared:  # CE at T = 1 beside a KD term at T != 1: its own softmax
         p, lse = _softmax_into(ws.get("pt", c), z)
@@ -416,7 +425,7 @@ class _HeadGrads:
 
 @torch.no_grad()
 def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads, ws: _Workspace):
-    """One chunk with `_kl_ce_chunk`'s closed-form gradient (forward KL and/or CE): no autograd graph.
+    """One chunk with `_kl_ce_chunk`'s closed-form gradient (forward or reverse KL and/or CE): no autograd graph.
     Returns the chunk's (kd, ce)."""
     zt = call.teacher_topk(rows) if call.topk is not None else None
     h = s_hidden[rows]  # (c, D)
@@ -426,7 +435,7 @@ def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _H
         t_hidden, tw, tb = teacher
         zt = _head_logits_into(ws.get("zt", c), t_hidden[rows], tw, tb, call.t_dtype)
     g, kd, ce = _kl_ce_chunk(z, zt, call.kd_valid[rows], call.labels[rows], call.kd_denom, call.ce_denom,
-                             call.kd_weight, call.ce_weight, call.temperature, ws)  # (c, V) fp32
+                             call.kd_weight, call.ce_weight, call.temperature, ws, call.kind)  # (c, V) fp32
     if g.dtype != w.dtype:  # the backward matmuls in the head's compute dtype, as autograd's
         g = g.to(w.dtype)
     grads.add_logit_grad(rows, g, h, w)
@@ -434,7 +443,7 @@ def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _H
 
 
 def _autograd_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads):
-    """One chunk through autograd (reverse KL, JSD, MSE: a distillation term is there). Returns (kd, ce),
+    """One chunk through autograd (JSD, MSE, reverse KL from a top-k teacher: a distillation term is there). Returns (kd, ce),
     detached; ce is None without a CE term. The chunk's (c, V) tensors go when it returns."""
     if call.topk is not None:
         zt = call.teacher_topk(rows)
@@ -479,7 +488,9 @@ class _LinearHeadLoss(torch.autograd.Function):
         grads = _HeadGrads(s_hidden, w, b, needs)
         kd_sum = torch.zeros((), dtype=_F32, device=device)
         ce_sum = torch.zeros((), dtype=_F32, device=device)
-        closed_form = call.kind == "forward_kl" or call.kd_weight is None  # no autograd graph per chunk
+        # no autograd graph per chunk: forward KL, reverse KL against full teacher logits, CE alone
+        closed_form = (call.kd_weight is None or call.kind == "forward_kl"
+                       or (call.kind == "reverse_kl" and call.topk is None))
         ws = _Workspace(min(call.chunk_size, n), w.shape[0], device)  # closed form's (chunk, V) buffers, made on use
         for start in range(0, n, call.chunk_size):
             rows = _take(call.index, start, start + call.chunk_size)

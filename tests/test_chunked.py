@@ -221,6 +221,30 @@ def test_linear_head_loss_topk_teacher_is_checked():
         linear_head_loss(hs, ws, hs, ws, mask=mask, teacher_topk=good)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_head_loss_reuses_its_chunk_buffers_for_forward_and_reverse_kl(kind):
+    """On-policy distillation's reverse KL measured 1.4x TRL's peak memory on CPU: each chunk's autograd graph made
+    several new (chunk, V) fp32 tensors, and malloc kept the heap they came from. Forward and reverse KL now write
+    every chunk into the same few workspace buffers (closed-form gradient): the number of new (chunk, V) tensors does
+    not grow with the number of chunks. JSD still goes through autograd, and shows what the count would be."""
+    hs, ht, ws, _, wt, _, labels = _data(11)
+    hs.requires_grad_()
+    mask = labels != -100
+    chunk = 2
+    n_chunks = -(-int(mask.sum()) // chunk)
+
+    def count(kd_kind):
+        with NewWeightSized(chunk * V) as seen:
+            out = linear_head_loss(hs, ws, ht, wt, mask, labels, kd_weight=0.6, ce_weight=0.4, kind=kd_kind,
+                                   temperature=1.7, normalizer=13.0, ce_normalizer=9.0, chunk_size=chunk)
+            torch.autograd.grad(out.loss, hs)
+        return len(seen.made)
+
+    assert n_chunks >= 8
+    assert count(kind) <= 5  # the workspace: logits of both models, the student's at T, two softmaxes
+    assert count("jsd") >= 2 * n_chunks  # the autograd route makes new ones in every chunk
+
+
 def test_linear_losses_scale_with_grad_output_and_match_alone():
     """The stored gradients are multiplied by the incoming gradient (here 3 * loss)."""
     hs, ht, ws, _, wt, _, labels = _data(4)
