@@ -145,6 +145,8 @@ def _init(args):
 def seed_worker(payload):
     args, seed = payload
     _init(args)
+    # a spawned process starts with torch's default thread count (every core): share the cores between the workers
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
     return one_seed(seed)
 
 
