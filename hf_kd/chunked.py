@@ -327,6 +327,10 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         return g.scatter_add_(-1, ce_ids, -ce_scale), kd, ce
 
     zs_T = torch.div(z, temperature, out=ws.get("zT", c)) if temperature != 1.0 else z  # (c, V)
+    reverse = kind == "reverse_kl" and not isinstance(target, TopK)
+    if reverse:  # the teacher's logsumexp alone: its softmax goes through the student's buffer before the student's
+        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
+        lse_t = _softmax_into(ws.get("ps", c), zt)[1]  # (c,)
     ps, lse_s = _softmax_into(ws.get("ps", c), zs_T)  # (c, V), (c,)
     denom = kd_denom.clamp_min(1.0)
     kd_scale = torch.where(kd_valid, kd_weight / (temperature * denom), 0.0)[:, None]  # (c, 1)
@@ -340,19 +344,18 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
             rows, cond, q_rest = fix
             g[rows] -= cond * (q_rest[:, None] * kd_scale[rows])
         g.scatter_(-1, target.ids, (ps_top * big_q[:, None] - q) * kd_scale + (ps_top * ce_scale if shared else 0.0))
+    elif reverse:  # in the teacher's logit buffer: log p_s - log p_t = (z_s - z_t) / T - lse_s + lse_t
+        log_ratio = zt.sub_(zs_T).neg_()  # (c, V): (z_s - z_t) / T, for now
+        per_row = _rowdot(ps, log_ratio) - lse_s + lse_t  # (c,): sum p_s log(p_s / p_t) (as sum p_s = 1)
+        g = log_ratio.add_((lse_t - lse_s - per_row)[:, None]).mul_(ps).mul_(kd_scale)  # p_s (log ratio - KL)
+        if shared:
+            g.addcmul_(ps, ce_scale)
     else:
         zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         pt, lse_t = _softmax_into(ws.get("pt", c), zt)
-        if kind == "forward_kl":
-            # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
-            per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)
-            g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
-        else:  # reverse KL, in the teacher's logit buffer: log p_s - log p_t = (z_s - z_t) / T - lse_s + lse_t
-            log_ratio = zt.sub_(zs_T).neg_()  # (c, V): (z_s - z_t) / T, for now
-            per_row = _rowdot(ps, log_ratio) - lse_s + lse_t  # (c,): sum p_s log(p_s / p_t) (as sum p_s = 1)
-            g = log_ratio.add_((lse_t - lse_s - per_row)[:, None]).mul_(ps).mul_(kd_scale)  # p_s (log ratio - KL)
-            if shared:
-                g.addcmul_(ps, ce_scale)
+        # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
+        per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)
+        g = ps.mul_(kd_scale + ce_scale if shared else kd_scale).addcmul_(pt, kd_scale, value=-1.0)
     kd = torch.where(kd_valid, per_row, 0.0).sum() / denom
     if ce_weight is not None and not shared:  # CE at T = 1 beside a KD term at T != 1: its own softmax
         p, lse = _softmax_into(ws.get("pt", c), z)

@@ -233,15 +233,17 @@ def test_head_loss_reuses_its_chunk_buffers_for_forward_and_reverse_kl(kind):
     chunk = 2
     n_chunks = -(-int(mask.sum()) // chunk)
 
-    def count(kd_kind):
+    def count(kd_kind, temperature=1.7):
         with NewWeightSized(chunk * V) as seen:
             out = linear_head_loss(hs, ws, ht, wt, mask, labels, kd_weight=0.6, ce_weight=0.4, kind=kd_kind,
-                                   temperature=1.7, normalizer=13.0, ce_normalizer=9.0, chunk_size=chunk)
+                                   temperature=temperature, normalizer=13.0, ce_normalizer=9.0, chunk_size=chunk)
             torch.autograd.grad(out.loss, hs)
         return len(seen.made)
 
     assert n_chunks >= 8
     assert count(kind) <= 5  # the workspace: logits of both models, the student's at T, two softmaxes
+    # at T = 1 (on-policy's setting) CE shares the student's softmax; reverse KL needs no teacher softmax kept
+    assert count(kind, 1.0) == {"forward_kl": 4, "reverse_kl": 3}[kind]
     assert count("jsd") >= 2 * n_chunks  # the autograd route makes new ones in every chunk
 
 
