@@ -21,6 +21,8 @@ clamped to >= 1). Classes are not masked here (``class_mask`` serves QA, not tok
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -302,12 +304,14 @@ def _ce_value(z: Tensor, lse: Tensor, ids: Tensor, valid: Tensor, denom: Tensor)
 
 
 def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_weight, temperature, ws,
-                 kind="forward_kl"):
-    """Forward or reverse KL and cross entropy of one chunk of rows, and the gradient of their weighted sum with
-    respect to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T,
-    d KL(p_s || p_t) / d z_s = p_s (log p_s - log p_t - KL) / T, and d CE / d z = softmax(z) - onehot(label) (each
-    over its denominator). ``z`` is the student's fp32 logits (c, V), ``target`` the teacher's fp32 logits (c, V)
-    or a `TopK` chunk (forward KL only), both in buffers of the workspace ``ws`` (they are overwritten). The same
+                 kind="forward_kl", jsd_beta=0.5):
+    """Forward KL, reverse KL or generalised JSD, and cross entropy, of one chunk of rows, and the gradient of their
+    weighted sum with respect to the student's logits, in closed form: d KL(p_t || p_s) / d z_s = (p_s - p_t) / T,
+    d KL(p_s || p_t) / d z_s = p_s (log p_s - log p_t - KL) / T, d JSD / d z_s = (1 - beta) p_s (r - sum p_s r) / T
+    with r = log p_s - log m, m = beta p_t + (1 - beta) p_s (the mixture's own dependence on p_s cancels), and
+    d CE / d z = softmax(z) - onehot(label) (each over its denominator). ``z`` is the student's fp32 logits (c, V),
+    ``target`` the teacher's fp32 logits (c, V) or a `TopK` chunk (forward KL only), both in buffers of the workspace
+    ``ws`` (they are overwritten; so is ``z`` at T = 1 for the JSD, after the CE's value has read it). The same
     values and gradients as autograd through `logit_distillation_loss` / `topk_distillation_loss` /
     `cross_entropy_loss` (tests), with few passes over (c, V) tensors and no new ones: one softmax per model
     (shared with CE at T = 1), batched dot products for the KL value.
@@ -348,6 +352,23 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         log_ratio = zt.sub_(zs_T).neg_()  # (c, V): (z_s - z_t) / T, for now
         per_row = _rowdot(ps, log_ratio) - lse_s + lse_t  # (c,): sum p_s log(p_s / p_t) (as sum p_s = 1)
         g = log_ratio.add_((lse_t - lse_s - per_row)[:, None]).mul_(ps).mul_(kd_scale)  # p_s (log ratio - KL)
+        if shared:
+            g.addcmul_(ps, ce_scale)
+    elif kind == "jsd":
+        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
+        pt, lse_t = _softmax_into(ws.get("pt", c), zt)
+        b = float(jsd_beta)
+        log_b, log_1b = math.log(b), math.log1p(-b)
+        # log p + log weight, in place in the logit buffers (finite: the logits are), then log m from both
+        t_side = zt.sub_((lse_t - log_b)[:, None])  # (c, V): log p_t + log beta
+        s_side = zs_T.sub_((lse_s - log_1b)[:, None])  # (c, V): log p_s + log (1 - beta)
+        log_m = torch.logaddexp(t_side, s_side, out=ws.get("m", c))  # (c, V)
+        t_side.sub_(log_m)  # log p_t - log m + log beta
+        s_side.sub_(log_m)  # log p_s - log m + log (1 - beta)
+        s_dot = _rowdot(ps, s_side)  # (c,)
+        # sum p (log p - log m) per side, with sum p = 1 for the constant shifts
+        per_row = b * (_rowdot(pt, t_side) - log_b) + (1.0 - b) * (s_dot - log_1b)  # (c,)
+        g = s_side.sub_(s_dot[:, None]).mul_(ps).mul_(kd_scale * (1.0 - b))  # (1 - beta) p_s (r - sum p_s r)
         if shared:
             g.addcmul_(ps, ce_scale)
     else:
@@ -428,7 +449,7 @@ class _HeadGrads:
 
 @torch.no_grad()
 def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads, ws: _Workspace):
-    """One chunk with `_kl_ce_chunk`'s closed-form gradient (forward or reverse KL and/or CE): no autograd graph.
+    """One chunk with `_kl_ce_chunk`'s closed-form gradient (forward/reverse KL or JSD, and/or CE): no autograd graph.
     Returns the chunk's (kd, ce)."""
     zt = call.teacher_topk(rows) if call.topk is not None else None
     h = s_hidden[rows]  # (c, D)
@@ -438,7 +459,8 @@ def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _H
         t_hidden, tw, tb = teacher
         zt = _head_logits_into(ws.get("zt", c), t_hidden[rows], tw, tb, call.t_dtype)
     g, kd, ce = _kl_ce_chunk(z, zt, call.kd_valid[rows], call.labels[rows], call.kd_denom, call.ce_denom,
-                             call.kd_weight, call.ce_weight, call.temperature, ws, call.kind)  # (c, V) fp32
+                             call.kd_weight, call.ce_weight, call.temperature, ws, call.kind,
+                             call.jsd_beta)  # (c, V) fp32
     if g.dtype != w.dtype:  # the backward matmuls in the head's compute dtype, as autograd's
         g = g.to(w.dtype)
     grads.add_logit_grad(rows, g, h, w)
@@ -446,7 +468,7 @@ def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _H
 
 
 def _autograd_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads):
-    """One chunk through autograd (JSD, MSE, reverse KL from a top-k teacher: a distillation term is there). Returns (kd, ce),
+    """One chunk through autograd (MSE; reverse KL or JSD from a top-k teacher: a distillation term is there). Returns (kd, ce),
     detached; ce is None without a CE term. The chunk's (c, V) tensors go when it returns."""
     if call.topk is not None:
         zt = call.teacher_topk(rows)
@@ -491,9 +513,9 @@ class _LinearHeadLoss(torch.autograd.Function):
         grads = _HeadGrads(s_hidden, w, b, needs)
         kd_sum = torch.zeros((), dtype=_F32, device=device)
         ce_sum = torch.zeros((), dtype=_F32, device=device)
-        # no autograd graph per chunk: forward KL, reverse KL against full teacher logits, CE alone
+        # no autograd graph per chunk: forward KL, reverse KL and JSD against full teacher logits, CE alone
         closed_form = (call.kd_weight is None or call.kind == "forward_kl"
-                       or (call.kind == "reverse_kl" and call.topk is None))
+                       or (call.kind in ("reverse_kl", "jsd") and call.topk is None))
         ws = _Workspace(min(call.chunk_size, n), w.shape[0], device)  # closed form's (chunk, V) buffers, made on use
         for start in range(0, n, call.chunk_size):
             rows = _take(call.index, start, start + call.chunk_size)

@@ -3,6 +3,8 @@ gradient, and never hold a (tokens x vocabulary) tensor; the trainer's chunked r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -185,6 +187,25 @@ def test_linear_head_loss_from_a_topk_teacher_equals_unchunked(kind, k, temperat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)])
+def test_closed_form_divergences_with_peaked_far_apart_models_equal_autograd(kind, beta):
+    """Reverse KL and JSD in closed form (log space: log m from the two log-distributions) against autograd through
+    `logit_distillation_loss`, where most probabilities of either model underflow fp32 and the two models put their
+    mass on different classes: no NaN, the same values and gradients."""
+    hs, ht, ws, _, wt, _, labels = _data(12)
+    hs = (40 * hs).requires_grad_()  # logits spread over hundreds: exp underflows for most classes
+    ht = -40 * ht
+    mask = labels != -100
+    zs = hs @ ws.T
+    ref = logit_distillation_loss(zs, ht @ wt.T, mask, kind=kind, jsd_beta=beta)
+    (g_ref,) = torch.autograd.grad(ref, hs)
+    out = linear_head_loss(hs, ws, ht, wt, mask, kind=kind, jsd_beta=beta, chunk_size=4)
+    (g,) = torch.autograd.grad(out.loss, hs)
+    assert torch.isfinite(out.loss) and out.loss > 0.5 * (math.log(2) if kind == "jsd" else 1.0) * min(beta, 1 - beta)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_linear_head_loss_topk_when_the_students_rest_mass_underflows():
     """A student that puts (almost) nothing outside the teacher's top k while the teacher does: the rest
     bucket's log-mass must come from log space (a sum of probabilities would underflow to 0 and blow up)."""
@@ -221,12 +242,13 @@ def test_linear_head_loss_topk_teacher_is_checked():
         linear_head_loss(hs, ws, hs, ws, mask=mask, teacher_topk=good)
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
-def test_head_loss_reuses_its_chunk_buffers_for_forward_and_reverse_kl(kind):
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_head_loss_reuses_its_chunk_buffers(kind):
     """On-policy distillation's reverse KL measured 1.4x TRL's peak memory on CPU: each chunk's autograd graph made
-    several new (chunk, V) fp32 tensors, and malloc kept the heap they came from. Forward and reverse KL now write
-    every chunk into the same few workspace buffers (closed-form gradient): the number of new (chunk, V) tensors does
-    not grow with the number of chunks. JSD still goes through autograd, and shows what the count would be."""
+    several new (chunk, V) fp32 tensors, and malloc kept the heap they came from. Forward KL, reverse KL and JSD now
+    write every chunk into the same few workspace buffers (closed-form gradient): the number of new (chunk, V)
+    tensors does not grow with the number of chunks. MSE still goes through autograd, and shows what the count
+    would be."""
     hs, ht, ws, _, wt, _, labels = _data(11)
     hs.requires_grad_()
     mask = labels != -100
@@ -236,15 +258,17 @@ def test_head_loss_reuses_its_chunk_buffers_for_forward_and_reverse_kl(kind):
     def count(kd_kind, temperature=1.7):
         with NewWeightSized(chunk * V) as seen:
             out = linear_head_loss(hs, ws, ht, wt, mask, labels, kd_weight=0.6, ce_weight=0.4, kind=kd_kind,
-                                   temperature=temperature, normalizer=13.0, ce_normalizer=9.0, chunk_size=chunk)
+                                   temperature=temperature, jsd_beta=0.3, normalizer=13.0, ce_normalizer=9.0,
+                                   chunk_size=chunk)
             torch.autograd.grad(out.loss, hs)
         return len(seen.made)
 
     assert n_chunks >= 8
-    assert count(kind) <= 5  # the workspace: logits of both models, the student's at T, two softmaxes
+    # the workspace: logits of both models, the student's at T, two softmaxes, and the JSD's mixture
+    assert count(kind) <= {"forward_kl": 5, "reverse_kl": 5, "jsd": 6}[kind]
     # at T = 1 (on-policy's setting) CE shares the student's softmax; reverse KL needs no teacher softmax kept
-    assert count(kind, 1.0) == {"forward_kl": 4, "reverse_kl": 3}[kind]
-    assert count("jsd") >= 2 * n_chunks  # the autograd route makes new ones in every chunk
+    assert count(kind, 1.0) == {"forward_kl": 4, "reverse_kl": 3, "jsd": 5}[kind]
+    assert count("mse") >= 2 * n_chunks  # the autograd route makes new ones in every chunk
 
 
 def test_linear_losses_scale_with_grad_output_and_match_alone():
