@@ -255,6 +255,8 @@ CASES = [
     case("cache-teacher", "--cache_hidden without a student", f"{C} --cache_hidden true --student_layers null", 1,
          "no student"),
     case("cache-teacher", "output_dir that is not empty", C, 1, "is not empty", setup="earlier_run"),
+    case("cache-teacher", "teacher with its own tokenizer", f"{C} --teacher_tokenizer $world/other_student", 1,
+         "teacher_tokenizer=", "cannot be cached", "distill without a cache"),
     case("cache-teacher", "teacher that does not exist", f"{C} --teacher_model_name_or_path $world/nope", 1,
          "does not exist"),
     case("cache-teacher", "dataset that does not exist", f"{C} --dataset_name $world/no_data", 1, "does not exist"),

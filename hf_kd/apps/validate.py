@@ -185,6 +185,11 @@ def flag_problems(model_args, data_args, config, command, top_k, warnings: list)
     problems, task, d = [], model_args.task, data_args
     if command == "cache-teacher" and top_k is not None and top_k < 1:
         problems.append(f"--top_k {top_k} must be >= 1 (the teacher logits kept per row).")
+    if command == "cache-teacher" and config.teacher_tokenizer is not None:
+        problems.append(f"teacher_tokenizer={config.teacher_tokenizer!r}: a teacher with its own tokenizer cannot be "
+                        "cached (a cache holds the teacher's logits at the student's token positions, and distill "
+                        "refuses teacher_cache with teacher_tokenizer); distill without a cache, or drop "
+                        "teacher_tokenizer when teacher and student share a tokenizer.")
     if model_args.teacher_finetune_epochs < 0:
         problems.append(f"teacher_finetune_epochs={model_args.teacher_finetune_epochs} is negative; 0 uses the teacher "
                         "as it is, > 0 fine-tunes it first.")
