@@ -97,9 +97,7 @@ def test_model_and_model_init_together_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_hf_kd_search_writes_the_trials_table_and_the_best_settings(tmp_path):
-    from hf_kd.cli import main
-
+def _search_world(tmp_path):
     tok = build_tokenizer()
     make_bert(layers=4, hidden=16, heads=4, vocab=len(tok), seed=1).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
@@ -113,6 +111,13 @@ def test_hf_kd_search_writes_the_trials_table_and_the_best_settings(tmp_path):
               "hidden_weight": 1.0, "use_cpu": True}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_hf_kd_search_writes_the_trials_table_and_the_best_settings(tmp_path):
+    from hf_kd.cli import main
+
+    path = _search_world(tmp_path)
     assert main(["search", "--trials", "2", "--config", str(path)]) == 0
     result = json.loads((tmp_path / "out" / "search.json").read_text())
     assert result["split"] == "validation" and result["metric"] == "accuracy" and len(result["trials"]) == 2
@@ -121,3 +126,15 @@ def test_hf_kd_search_writes_the_trials_table_and_the_best_settings(tmp_path):
     report = (tmp_path / "out" / "search.md").read_text()
     assert "| trial | temperature | alpha | hidden_weight | accuracy | seconds |" in report
     assert report.count("**(best)**") == 1 and f"--temperature {result['best']['temperature']:.4g}" in report
+
+
+def test_hf_kd_search_refuses_a_teacher_with_its_own_tokenizer_before_any_trial(tmp_path):
+    """Its trials would tokenize for both models with the teacher folder's tokenizer: refused with a message, no
+    output written."""
+    from hf_kd.cli import main
+
+    path = _search_world(tmp_path)
+    with pytest.raises(SystemExit, match="does not search across tokenizers.*unset teacher_tokenizer"):
+        main(["search", "--trials", "2", "--config", str(path), "--hidden_weight", "0",
+              "--teacher_tokenizer", str(tmp_path / "teacher")])
+    assert not (tmp_path / "out").exists()

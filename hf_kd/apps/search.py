@@ -66,6 +66,10 @@ def run_search(model_args, data_args, run_args, config, trials: int, search_spli
         raise SystemExit("hf-kd search needs optuna: pip install 'hf_kd[search]' (or pip install optuna).") from None
     if config.teacher_cache:
         raise SystemExit("hf-kd search runs the teacher live (each trial's loss plan is built again); unset teacher_cache.")
+    if config.teacher_tokenizer is not None:
+        raise SystemExit(f"hf-kd search does not search across tokenizers yet (teacher_tokenizer="
+                         f"{config.teacher_tokenizer!r}: its trials would read the teacher's tokenizer for both "
+                         "models); search with hf-kd distill runs of your own, or unset teacher_tokenizer.")
     if search_split == data_args.eval_split:
         say(f"warning: trials are scored on {search_split!r}, the split the recipe reports on; a score picked there "
             "flatters the pick. Use another split (--search_split).")
