@@ -19,7 +19,8 @@ Measured on held-out test-split prompts: the teacher's negative log-likelihood p
 greedy completions (hf_kd.distill.generation_eval, lower is better), and the held-out perplexity of the reference
 review texts. The claim: paired differences over the seeds with their 95% intervals (scripts/protocol.py).
 Sized to finish within about 30 minutes on 2 CPU cores with the defaults and the five reporting seeds
-(an estimate: see docs/generation.md for what was run).
+(an estimate: see docs/generation.md for what was run). Where CUDA is available the models run on the GPU, in fp32
+as on the CPU, for the larger settings (`--steps`, `--batch`) the CPU cannot afford (not yet run on one).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from protocol import add_seed_arguments, run_seeds, seeds_of, summarize  # noqa:
 TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATASET = "cornell-movie-review-data/rotten_tomatoes"
 ARMS = ("labels", "dataset", "mixed", "on_policy")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either; a GPU runs larger settings (--steps)
 ARGS: argparse.Namespace | None = None  # the options, for the seed processes (set in main and in each worker)
 
 
@@ -56,7 +58,7 @@ def load(args):
 
     path = resolve_model(TEACHER)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
     raw = load_dataset(**resolve_dataset(DATASET))
     train = prompt_rows([t for t in raw["train"]["text"] if t.strip()], args.prompt_words)[: args.train_rows]
     test_texts = [t for t in raw["test"]["text"] if t.strip()]
@@ -71,7 +73,7 @@ def config(args, seed: int, out: str, **kw):
     return DistillationConfig(
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
-        logging_steps=max(1, args.steps // 4), use_cpu=True, disable_tqdm=True, temperature=1.0, alpha=1.0,
+        logging_steps=max(1, args.steps // 4), use_cpu=DEVICE == "cpu", disable_tqdm=True, temperature=1.0, alpha=1.0,
         max_prompt_length=32, generation_config={"max_new_tokens": args.new_tokens, "do_sample": True,
                                                    "temperature": 1.0, "top_k": 0, "top_p": 1.0}, **kw)
 
@@ -105,11 +107,13 @@ def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) ->
     from hf_kd.distill.generation_eval import evaluate_generation
     from hf_kd.distill.rollout import Rollout
 
-    cfg = DistillationConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True,
+    cfg = DistillationConfig(output_dir="/tmp/unused", report_to="none", use_cpu=DEVICE == "cpu",
                              generation_config={"max_new_tokens": args.new_tokens})
     rollout = Rollout(cfg, "causal_lm", tokenizer, student)
     collate = PromptCollator(tokenizer, max_prompt_length=32)
-    batches = [collate(held_prompts[i: i + 8]) for i in range(0, len(held_prompts), 8)]
+    device = next(student.parameters()).device
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(held_prompts[i: i + 8]).items()}
+               for i in range(0, len(held_prompts), 8)]
     metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics["perplexity"] = perplexity(student, reference, pad_id=pad)["perplexity"]
