@@ -22,7 +22,6 @@ clamped to >= 1). Classes are not masked here (``class_mask`` serves QA, not tok
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -468,8 +467,8 @@ def _closed_form_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _H
 
 
 def _autograd_chunk(rows, s_hidden, w, b, teacher, call: _HeadCall, grads: _HeadGrads):
-    """One chunk through autograd (MSE; reverse KL or JSD from a top-k teacher: a distillation term is there). Returns (kd, ce),
-    detached; ce is None without a CE term. The chunk's (c, V) tensors go when it returns."""
+    """One chunk through autograd (MSE; reverse KL or JSD from a top-k teacher: a distillation term is there).
+    Returns (kd, ce), detached; ce is None without a CE term. The chunk's (c, V) tensors go when it returns."""
     if call.topk is not None:
         zt = call.teacher_topk(rows)
     else:

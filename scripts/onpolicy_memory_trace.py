@@ -6,8 +6,8 @@
 Runs `bench.onpolicy_case` (the pair, prompts and settings of `scripts/bench.py --onpolicy`) for one warm-up and two
 timed steps on one thread, and prints the resident set (MiB) at the events of the last step: its start, the start and
 end of `loss.backward()`, the tied head/embedding weight's gradient hook (the summed vocabulary x width gradient
-exists then), the optimizer step and the step's end, and the step's highest resident set (sampled every 2 ms). scripts/bench.py reports the peak; this says when it is reached
-and by what (docs/generation.md reads it).
+exists then), the optimizer step and the step's end, and the step's highest resident set (sampled every 2 ms).
+scripts/bench.py reports the peak; this says when it is reached and by what (docs/generation.md reads it).
 """
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ def trace(name: str) -> None:
     for s, what, r in log:
         if s == last:
             print(f"{name:6s} {what:32s} {r:7.0f} MiB  ({r - start:+5.0f} from the step's start)", flush=True)
-    print(f"{name:6s} {'the step at its highest':32s} {highest[last]:7.0f} MiB  ({highest[last] - start:+5.0f})", flush=True)
+    top = highest[last]
+    print(f"{name:6s} {'the step at its highest':32s} {top:7.0f} MiB  ({top - start:+5.0f})", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--malloc", choices=("default", "fixed"), default="default",
-                        help="fixed: glibc's mmap threshold at 1 MiB (MALLOC_MMAP_THRESHOLD_), as bench.py --malloc fixed")
+                        help="fixed: glibc's mmap threshold at 1 MiB (MALLOC_MMAP_THRESHOLD_), "
+                        "as bench.py --malloc fixed")
     parser.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._variant:

@@ -200,7 +200,8 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--output", default="runs/onpolicy_quality")
     parser.add_argument("--pick_layers", type=int, default=None, metavar="N",
-                        help="only print the N teacher layers a greedy calibration-perplexity drop keeps (see pick_layers)")
+                        help="only print the N teacher layers a greedy calibration-perplexity drop keeps "
+                        "(see pick_layers)")
     args = parser.parse_args()
     if args.pick_layers is not None:
         torch.set_num_threads(os.cpu_count() or 1)
