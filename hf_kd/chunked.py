@@ -330,9 +330,10 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         return g.scatter_add_(-1, ce_ids, -ce_scale), kd, ce
 
     zs_T = torch.div(z, temperature, out=ws.get("zT", c)) if temperature != 1.0 else z  # (c, V)
-    reverse = kind == "reverse_kl" and not isinstance(target, TopK)
+    dense = not isinstance(target, TopK)
+    zt = target if not dense or temperature == 1.0 else target.div_(temperature)  # (c, V) teacher logits at T
+    reverse = kind == "reverse_kl" and dense
     if reverse:  # the teacher's logsumexp alone: its softmax goes through the student's buffer before the student's
-        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         lse_t = _softmax_into(ws.get("ps", c), zt)[1]  # (c,)
     ps, lse_s = _softmax_into(ws.get("ps", c), zs_T)  # (c, V), (c,)
     denom = kd_denom.clamp_min(1.0)
@@ -354,7 +355,6 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         if shared:
             g.addcmul_(ps, ce_scale)
     elif kind == "jsd":
-        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         pt, lse_t = _softmax_into(ws.get("pt", c), zt)
         b = float(jsd_beta)
         log_b, log_1b = math.log(b), math.log1p(-b)
@@ -371,7 +371,6 @@ def _kl_ce_chunk(z, target, kd_valid, labels, kd_denom, ce_denom, kd_weight, ce_
         if shared:
             g.addcmul_(ps, ce_scale)
     else:
-        zt = target if temperature == 1.0 else target.div_(temperature)  # (c, V)
         pt, lse_t = _softmax_into(ws.get("pt", c), zt)
         # KL = sum p_t (z_teacher - z_student) / T - lse_t + lse_s (as sum p_t = 1)
         per_row = _rowdot(pt, zt.sub_(zs_T)) - lse_t + lse_s  # (c,)

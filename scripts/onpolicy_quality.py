@@ -49,6 +49,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either; a GPU
 ARGS: argparse.Namespace | None = None  # the options, for the seed processes (set in main and in each worker)
 
 
+def _threads(args) -> int:
+    """Each seed process's share of the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, args.workers))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load(args):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,8 +124,7 @@ def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) ->
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(held_prompts[i: i + 8]).items()}
                for i in range(0, len(held_prompts), 8)]
     metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    metrics["perplexity"] = perplexity(student, reference, pad_id=pad)["perplexity"]
+    metrics["perplexity"] = perplexity(student, reference, pad_id=_pad_id(tokenizer))["perplexity"]
     return metrics
 
 
@@ -134,10 +142,9 @@ def pick_layers(args, keep_n: int) -> list[int]:
     tokenizer, teacher, _, _, _ = load(args)
     texts = [t for t in load_dataset(**resolve_dataset(DATASET))["train"]["text"] if t.strip()][-16:]
     calibration = tokenize_texts(tokenizer, texts, 64)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def ppl(layers):
-        return perplexity(student_from_teacher(teacher, layers), calibration, pad_id=pad)["perplexity"]
+        return perplexity(student_from_teacher(teacher, layers), calibration, pad_id=_pad_id(tokenizer))["perplexity"]
 
     keep = list(range(1, teacher.config.num_hidden_layers + 1))
     while len(keep) > keep_n:
@@ -178,8 +185,7 @@ def _init(args):
 def seed_worker(payload):
     args, seed = payload
     _init(args)
-    # a spawned process starts with torch's default thread count (every core): share the cores between the workers
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+    torch.set_num_threads(_threads(args))  # a spawned process starts with every core
     return one_seed(seed)
 
 
@@ -210,7 +216,7 @@ def main() -> int:
     seeds, what = seeds_of(args)
     args.first_seed = seeds[0]
     _init(args)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+    torch.set_num_threads(_threads(args))
     began = time.perf_counter()
     if args.workers > 1 and len(seeds) > 1:  # the options travel with each seed (spawned processes start bare)
         import multiprocessing
