@@ -36,8 +36,9 @@ in bf16, the student's forward in bf16 autocast over fp32 master weights; hf_kd 
 
 `--onpolicy` runs the on-policy section instead: SmolLM2-135M-Instruct into `--onpolicy_layers` of its layers
 (offline weights, see hf_kd.apps.offline), hf_kd (`lmbda=1`, reverse KL) against `trl.DistillationTrainer`
-(`beta=1`, `generate`, no vLLM), same prompts, exactly `--onpolicy_tokens` sampled tokens each: seconds per
-optimizer step with the generation, and the peak memory of the run, each variant in a fresh process.
+(`beta=1`, `generate`, no vLLM), same prompts, exactly N sampled tokens each for each N of `--onpolicy_tokens`
+(default 16 and 128): seconds per optimizer step with the generation, and the peak memory of the run, each variant
+in a fresh process.
 
 Peak memory is measured in a fresh subprocess per variant: on CPU the peak resident set size of the step
 (Linux resets the high-water mark through /proc/self/clear_refs, read back as VmHWM), on CUDA
@@ -415,12 +416,12 @@ def measure_memory(cases, args) -> dict:
 ONPOLICY_TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def onpolicy_case(name: str, args) -> dict:
+def onpolicy_case(name: str, args, tokens: int) -> dict:
     """One variant's on-policy run on the SmolLM2 pair, in this fresh process: the seconds of each timed optimizer
     step (generation included) and the peak memory (MiB) of the steps above what was in use before training.
 
     Both variants: the same student (teacher layers `--onpolicy_layers`), the same prompt rows (the first 8 words
-    of Rotten Tomatoes reviews; each trainer's sampler orders them), exactly `--onpolicy_tokens` sampled tokens per completion
+    of Rotten Tomatoes reviews; each trainer's sampler orders them), exactly `tokens` sampled tokens per completion
     (min_new_tokens = max_new_tokens), the reverse KL at T = 1 (TRL's beta = 1), AdamW, `transformers.generate`."""
     from datasets import Dataset, load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -437,7 +438,6 @@ def onpolicy_case(name: str, args) -> dict:
     n_steps = args.warmup + args.steps
     texts = [t for t in load_dataset(**resolve_dataset("cornell-movie-review-data/rotten_tomatoes"))["train"]["text"]]
     rows = prompt_rows(texts, 8)[: args.onpolicy_batch * n_steps]
-    tokens = args.onpolicy_tokens
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=n_steps, per_device_train_batch_size=args.onpolicy_batch,
                   learning_rate=1e-5, report_to="none", save_strategy="no", logging_steps=n_steps, disable_tqdm=True,
                   use_cpu=device == "cpu", seed=0)
@@ -490,14 +490,32 @@ def _malloc_env(mode: str) -> dict:
 
 
 def onpolicy_section(args) -> dict:
-    """hf_kd vs trl.DistillationTrainer, on-policy (generate, no vLLM): each repetition runs both, interleaved, each
-    in a fresh process; medians of the step times and of the peak memory."""
+    """hf_kd vs trl.DistillationTrainer, on-policy (generate, no vLLM), at each generation length of
+    `--onpolicy_tokens`: each repetition runs both, interleaved, each in a fresh process; medians of the step times
+    and of the peak memory."""
+    summary = {}
+    for tokens in args.onpolicy_tokens:
+        summary[tokens] = _onpolicy_lengths(args, tokens)
+    print(f"\non-policy, SmolLM2-135M-Instruct -> layers {args.onpolicy_layers}, batch {args.onpolicy_batch}; "
+          f"malloc {args.malloc}; medians over {args.reps} repetitions x {args.steps} steps:")
+    for tokens, result in summary.items():
+        if "ratios" not in result:
+            continue
+        print(f"  {tokens} generated tokens:")
+        for name in ("hf_kd", "trl"):
+            print(f"    {name:6s} {result[name]['step_s']:8.2f} s/step  {result[name]['peak_mib']:8.0f} MiB peak")
+        for label, value in result["ratios"].items():
+            print(f"    {label:28s} {value:6.2f}  (target <= 1.00)")
+    return summary
+
+
+def _onpolicy_lengths(args, tokens: int) -> dict:
     results = {"hf_kd": [], "trl": []}
     for rep in range(args.reps):
         for name in results:
             cmd = [sys.executable, __file__, "--_onpolicy_case", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--onpolicy_batch", str(args.onpolicy_batch), "--onpolicy_tokens",
-                   str(args.onpolicy_tokens), "--onpolicy_layers", *map(str, args.onpolicy_layers)]
+                   str(tokens), "--onpolicy_layers", *map(str, args.onpolicy_layers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_malloc_env(args.malloc))
             lines = [line for line in proc.stdout.splitlines() if line.startswith("ONPOLICY ")]
             if proc.returncode or not lines:
@@ -505,22 +523,17 @@ def onpolicy_section(args) -> dict:
                 continue
             results[name].append(json.loads(lines[-1][len("ONPOLICY "):]))
             last = results[name][-1]
-            print(f"[bench] on-policy rep {rep} {name}: steps {[round(x, 2) for x in last['step_s']]} s, peak "
-                  f"{last['peak_mib']:.0f} MiB", flush=True)
+            print(f"[bench] on-policy {tokens} tokens, rep {rep} {name}: steps {[round(x, 2) for x in last['step_s']]}"
+                  f" s, peak {last['peak_mib']:.0f} MiB", flush=True)
     summary = {}
     for name, runs in results.items():
         if runs:
             summary[name] = {"step_s": statistics.median(x for r in runs for x in r["step_s"]),
-                             "peak_mib": statistics.median(r["peak_mib"] for r in runs)}
+                             "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+                             "peak_mib_each": [r["peak_mib"] for r in runs]}
     if len(summary) == 2:
         summary["ratios"] = {"step time hf_kd / trl": summary["hf_kd"]["step_s"] / summary["trl"]["step_s"],
                              "peak memory hf_kd / trl": summary["hf_kd"]["peak_mib"] / summary["trl"]["peak_mib"]}
-        print(f"\non-policy, SmolLM2-135M-Instruct -> layers {args.onpolicy_layers}, batch {args.onpolicy_batch}, "
-              f"{args.onpolicy_tokens} generated tokens; malloc {args.malloc}:")
-        for name in ("hf_kd", "trl"):
-            print(f"  {name:6s} {summary[name]['step_s']:8.2f} s/step  {summary[name]['peak_mib']:8.0f} MiB peak")
-        for label, value in summary["ratios"].items():
-            print(f"  {label:28s} {value:6.2f}  (target <= 1.00)")
     return summary
 
 
@@ -548,7 +561,9 @@ def main() -> int:
                         help="run the on-policy section alone: hf_kd vs trl.DistillationTrainer on the SmolLM2 pair")
     parser.add_argument("--onpolicy_layers", type=int, nargs="+", default=[10, 20, 30])
     parser.add_argument("--onpolicy_batch", type=int, default=4)
-    parser.add_argument("--onpolicy_tokens", type=int, default=16)
+    parser.add_argument("--onpolicy_tokens", type=int, nargs="+", default=[16, 128],
+                        help="generated tokens per completion; each length is a row of its own (TRL's "
+                        "DistillationConfig defaults to 512, GKD's max_new_tokens to 128)")
     parser.add_argument("--malloc", choices=("default", "fixed"), default="default",
                         help="on-policy on CPU: glibc's malloc as is, or its mmap threshold fixed at 1 MiB for every "
                         "variant so that the peak resident set follows live tensors (see _malloc_env)")
@@ -556,7 +571,8 @@ def main() -> int:
     parser.add_argument("--_onpolicy_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._onpolicy_case:
-        print("ONPOLICY " + json.dumps(onpolicy_case(args._onpolicy_case, args)), flush=True)
+        tokens, = args.onpolicy_tokens
+        print("ONPOLICY " + json.dumps(onpolicy_case(args._onpolicy_case, args, tokens)), flush=True)
         return 0
     if args.onpolicy:
         summary = onpolicy_section(args)

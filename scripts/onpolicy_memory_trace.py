@@ -82,8 +82,8 @@ def trace(name: str) -> None:
         return out
 
     torch.Tensor.backward = traced_backward
-    args = argparse.Namespace(warmup=1, steps=2, onpolicy_batch=4, onpolicy_tokens=16, onpolicy_layers=[10, 20, 30])
-    bench.onpolicy_case(name, args)
+    args = argparse.Namespace(warmup=1, steps=2, onpolicy_batch=4, onpolicy_layers=[10, 20, 30])
+    bench.onpolicy_case(name, args, 16)
     done.set()
     last = max(s for s, _, _ in log)
     start = next(r for s, w, r in log if s == last and w == "step begins")
