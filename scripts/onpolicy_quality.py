@@ -84,7 +84,8 @@ def config(args, seed: int, out: str, **kw):
         lr_scheduler_type="constant", warmup_steps=0, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
         logging_steps=max(1, args.steps // 4), use_cpu=DEVICE == "cpu", disable_tqdm=True, temperature=1.0, alpha=1.0,
         max_prompt_length=32, generation_config={"max_new_tokens": args.new_tokens, "do_sample": True,
-                                                   "temperature": 1.0, "top_k": 0, "top_p": 1.0}, **kw)
+                                                   "temperature": args.sample_temperature, "top_k": 0, "top_p": 1.0},
+        **kw)
 
 
 def train_arm(arm: str, args, seed, student, teacher, tokenizer, train, out):
@@ -198,6 +199,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--new_tokens", type=int, default=12, help="max_new_tokens of training and evaluation")
+    parser.add_argument("--sample_temperature", type=float, default=1.0,
+                        help="sampling temperature of the generating arms' completions (evaluation is greedy)")
     parser.add_argument("--prompt_words", type=int, default=8)
     parser.add_argument("--train_rows", type=int, default=400)
     parser.add_argument("--eval_prompts", type=int, default=24)
