@@ -102,6 +102,7 @@ class DistillationTrainer(Trainer):
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._projections_in_optimizer = False
         self.evaluations = card.Evaluations()  # student's and teacher's, for the card
+        self._teacher_completions = generation_eval.TeacherCompletions()  # eval_generation's, made once
         self._use_cache_arg: bool | None = None
 
     def _build_loss(self, student) -> None:
@@ -333,7 +334,7 @@ class DistillationTrainer(Trainer):
         metrics = generation_eval.prefixed_metrics(
             self.rollout, self.task, self._student(), unwrap(self.teacher), self.get_eval_dataloader(eval_dataset),
             self.processing_class, self.accelerator if self.args.world_size > 1 else None, self.compute_metrics,
-            metric_key_prefix)
+            metric_key_prefix, self._teacher_completions)
         self.log(metrics)
         return metrics
 

@@ -47,6 +47,7 @@ DATASET = "cornell-movie-review-data/rotten_tomatoes"
 ARMS = ("labels", "dataset", "mixed", "on_policy")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either; a GPU runs larger settings (--steps)
 ARGS: argparse.Namespace | None = None  # the options, for the seed processes (set in main and in each worker)
+TEACHER_GREEDY = None  # the teacher's greedy completions of the held-out prompts, made once per process
 
 
 def _threads(args) -> int:
@@ -114,8 +115,12 @@ def train_arm(arm: str, args, seed, student, teacher, tokenizer, train, out):
 def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) -> dict:
     from hf_kd import DistillationConfig, PromptCollator
     from hf_kd.apps.evaluation import perplexity
-    from hf_kd.distill.generation_eval import evaluate_generation
+    from hf_kd.distill.generation_eval import TeacherCompletions, evaluate_generation
     from hf_kd.distill.rollout import Rollout
+
+    global TEACHER_GREEDY
+    if TEACHER_GREEDY is None:
+        TEACHER_GREEDY = TeacherCompletions()
 
     cfg = DistillationConfig(output_dir="/tmp/unused", report_to="none", use_cpu=DEVICE == "cpu",
                              generation_config={"max_new_tokens": args.new_tokens})
@@ -124,7 +129,8 @@ def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) ->
     device = next(student.parameters()).device
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(held_prompts[i: i + 8]).items()}
                for i in range(0, len(held_prompts), 8)]
-    metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer)
+    metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer,
+                                     teacher_completions=TEACHER_GREEDY)
     metrics["perplexity"] = perplexity(student, reference, pad_id=_pad_id(tokenizer))["perplexity"]
     return metrics
 

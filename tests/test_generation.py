@@ -15,6 +15,7 @@ from transformers import (BartConfig, BartForConditionalGeneration, GenerationCo
                           T5ForConditionalGeneration)
 
 from hf_kd import DistillationConfig, DistillationTrainer, InputError
+from hf_kd.distill import generation_eval
 from hf_kd.distill.generation_eval import GeneratedTexts
 from hf_kd.distill.rollout import Rollout
 from hf_kd.prompts import PromptCollator, first_eos_mask
@@ -505,6 +506,28 @@ def test_generation_evaluation_logs_metrics_and_gives_compute_metrics_the_texts(
     assert isinstance(texts, GeneratedTexts) and len(texts.predictions) == len(ROWS)
     assert texts.references[0] == "very good" and texts.prompts[0] == "the film was"
     assert "eval_exact" in metrics
+
+
+def test_the_teacher_generates_its_greedy_completions_once_over_evaluations(tmp_path):
+    t = DistillationTrainer(model=make_llama(seed=1), teacher_model=make_llama(layers=3, seed=2),
+                            processing_class=gen_tokenizer(), args=config(tmp_path, eval_generation=True,
+                                                                          per_device_eval_batch_size=2),
+                            train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS))
+    student, teacher = t._student(), t.teacher
+    s_calls, t_calls = [], []
+    student.generate, teacher.generate = counting(student, s_calls), counting(teacher, t_calls)
+    batches = -(-len(ROWS) // 2)
+    first, second = t.evaluate_generation(), t.evaluate_generation()
+    assert len(s_calls) == 2 * batches and len(t_calls) == batches  # the student each time, the teacher once
+    assert first == second
+    # the same metrics as an evaluation that makes the teacher's completions afresh
+    fresh = generation_eval.prefixed_metrics(t.rollout, t.task, student, teacher, t.get_eval_dataloader(),
+                                             t.processing_class, None, None, "eval")
+    assert len(t_calls) == 2 * batches and fresh == {k: v for k, v in first.items() if k != "epoch"}  # log's
+    # other greedy settings are other completions
+    t.rollout.greedy_config.max_new_tokens = 3
+    t.evaluate_generation()
+    assert len(t_calls) == 3 * batches
 
 
 def test_teacher_nll_of_generation_matches_a_hand_computation(tmp_path):

@@ -2,7 +2,8 @@
 
 On each evaluation batch of prompts, the student and the teacher generate greedily (``generation_config``'s
 max_new_tokens, no sampling, so that the metrics are reproducible), and the teacher scores the student's
-completions. Logged with the evaluation prefix (``eval_gen_*``), over every process:
+completions. The teacher's greedy completions are made at the first evaluation and reused by the later ones
+(`TeacherCompletions`): the teacher does not change. Logged with the evaluation prefix (``eval_gen_*``), over every process:
 
 - ``gen_teacher_nll``: the teacher's negative log-likelihood per token of the student's completions (EOS included):
   how likely the teacher finds what the student writes (lower is better);
@@ -69,17 +70,40 @@ def score(task: str, student, teacher, batch: dict) -> tuple[torch.Tensor, torch
     return nll, reverse_kl, mask.sum()
 
 
+class TeacherCompletions:
+    """The teacher's greedy completions of each batch of prompts, made once and reused: the teacher is never trained
+    and greedy decoding draws nothing, so every evaluation after the first would make the same ones again with the
+    largest model's `generate`. Keyed by the batch's prompt ids and mask and the greedy settings; a different
+    teacher object starts afresh."""
+
+    def __init__(self):
+        self._teacher = None
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, rollout: Rollout, teacher, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if teacher is not self._teacher:
+            self._teacher, self._made = teacher, {}
+        key = (rollout.greedy_config.to_json_string(), tuple(ids.shape), ids.cpu().numpy().tobytes(),
+               mask.cpu().numpy().tobytes())
+        if key not in self._made:
+            self._made[key] = rollout.generate(teacher, ids, mask, greedy=True)
+        return self._made[key]
+
+
 def evaluate_generation(rollout: Rollout, task: str, student, teacher, batches, tokenizer, reduce=None,
-                        gather=None) -> tuple[dict[str, float], GeneratedTexts | None]:
+                        gather=None, teacher_completions: TeacherCompletions | None = None,
+                        ) -> tuple[dict[str, float], GeneratedTexts | None]:
     """The metrics of the module over `batches` of collated prompts (on the models' device), and the texts.
 
-    `reduce` (accelerate's, "sum") and `gather` (accelerate.utils.gather_object) combine the processes' results."""
+    `reduce` (accelerate's, "sum") and `gather` (accelerate.utils.gather_object) combine the processes' results;
+    `teacher_completions` keeps the teacher's greedy completions from one call to the next (`TeacherCompletions`)."""
+    teacher_completions = teacher_completions if teacher_completions is not None else TeacherCompletions()
     sums = torch.zeros(6, dtype=torch.float64)  # nll, rkl, tokens, agreement, rows, eos
     completions, prompt_rows, references = [], [], []
     for batch in batches:
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         s_ids = rollout.generate(student, ids, mask, greedy=True)
-        t_ids = rollout.generate(teacher, ids, mask, greedy=True)
+        t_ids = teacher_completions(rollout, teacher, ids, mask)
         s_mask, t_mask = first_eos_mask(s_ids, rollout.eos_ids), first_eos_mask(t_ids, rollout.eos_ids)
         with generation_mode(student):
             nll, rkl, tokens = score(task, student, teacher, rollout.lm_batch(ids, mask, s_ids, s_mask))
@@ -111,13 +135,15 @@ def evaluate_generation(rollout: Rollout, task: str, student, teacher, batches, 
 
 
 def prefixed_metrics(rollout: Rollout, task: str, student, teacher, batches, processing_class, accelerator,
-                     compute_metrics, prefix: str) -> dict[str, float]:
+                     compute_metrics, prefix: str, teacher_completions: TeacherCompletions | None = None,
+                     ) -> dict[str, float]:
     """The trainer's ``evaluate_generation``: the metrics over every process (`accelerator` when there are several,
     else None), then ``compute_metrics``'s on the texts, each key under the evaluation `prefix` (``eval_gen_*``)."""
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     several = accelerator is not None
     metrics, texts = evaluate_generation(rollout, task, student, teacher, batches, tokenizer,
-                                         accelerator.reduce if several else None, gather_object if several else None)
+                                         accelerator.reduce if several else None, gather_object if several else None,
+                                         teacher_completions)
     if compute_metrics is not None and texts is not None:
         metrics.update(compute_metrics(texts))
     return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
