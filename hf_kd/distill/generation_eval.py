@@ -3,7 +3,8 @@
 On each evaluation batch of prompts, the student and the teacher generate greedily (``generation_config``'s
 max_new_tokens, no sampling, so that the metrics are reproducible), and the teacher scores the student's
 completions. The teacher's greedy completions are made at the first evaluation and reused by the later ones
-(`TeacherCompletions`): the teacher does not change. Logged with the evaluation prefix (``eval_gen_*``), over every process:
+(`TeacherCompletions`): the teacher does not change. Logged with the evaluation prefix (``eval_gen_*``), over
+every process:
 
 - ``gen_teacher_nll``: the teacher's negative log-likelihood per token of the student's completions (EOS included):
   how likely the teacher finds what the student writes (lower is better);
