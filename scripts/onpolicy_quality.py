@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -189,6 +190,7 @@ def warm_start(args, teacher, tokenizer):
                             args.warm_rows, str(path) + ".run")
         student.save_pretrained(str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
+        shutil.rmtree(str(path) + ".run", ignore_errors=True)  # the trainer's output_dir: logs only
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE)
 
 
@@ -266,9 +268,16 @@ def main() -> int:
     if args.workers > 1 and len(seeds) > 1:  # the options travel with each seed (spawned processes start bare)
         import multiprocessing
 
-        results = [one_seed(seeds[0])]
+        if args.warm_steps:  # the shared start (and the data's cache) first, on every core, then every seed at once
+            torch.set_num_threads(os.cpu_count() or 1)
+            tokenizer, teacher, *_ = load(args)
+            warm_start(args, teacher, tokenizer)
+            del teacher
+            results, rest = [], seeds
+        else:  # the first seed alone fills the data's cache
+            results, rest = [one_seed(seeds[0])], seeds[1:]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results += pool.map(seed_worker, [(args, s) for s in seeds[1:]])
+            results += pool.map(seed_worker, [(args, s) for s in rest])
     else:
         results = run_seeds(one_seed, seeds, workers=1)
     teacher = next(r["teacher"] for r in results if "teacher" in r)
