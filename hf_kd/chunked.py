@@ -405,6 +405,7 @@ class _HeadCall:
     t_dtype: Optional[torch.dtype]
     topk: Optional[TopK]
     topk_row: Optional[Tensor]  # (...): the top-k teacher's row of each position, -1 before the first
+    into_grad: bool = False  # the weight's gradient goes into `.grad` by the backward pass, not through autograd
 
     def teacher_topk(self, rows: tuple[Tensor, ...]) -> TopK:
         """This chunk's rows of the stored top-k teacher (rows without one read any row)."""
@@ -527,6 +528,7 @@ class _LinearHeadLoss(torch.autograd.Function):
         # Kept on ctx, not saved for backward: the backward pass hands them on as autograd's only reference, so that
         # autograd adds a tied weight's other gradient into them in place (no new (V, D) tensor).
         ctx.grads = grads.saved(s_weight, s_bias)
+        ctx.param = s_weight if call.into_grad else None  # the leaf whose .grad takes the weight's gradient
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return kd_sum * (call.kd_weight or 0.0) + ce_sum * (call.ce_weight or 0.0), kd_sum, ce_sum
 
@@ -539,6 +541,13 @@ class _LinearHeadLoss(torch.autograd.Function):
                                "one through the same graph (retain_graph=True) is not supported: compute the loss again")
         grads, ctx.grads = ctx.grads, None
         out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        param, ctx.param = ctx.param, None
+        if param is not None and out[1] is not None:  # `into_grad`: see linear_head_loss
+            if param.grad is None:
+                param.grad = out[1]
+            else:
+                param.grad.add_(out[1])
+            out[1] = None
         return out[0], out[1], out[2], None, None, None, None
 
 
@@ -617,6 +626,7 @@ def linear_head_loss(
     student_dtype: Optional[torch.dtype] = None,
     teacher_dtype: Optional[torch.dtype] = None,
     teacher_topk: Optional[TopK] = None,
+    weight_grad_into_grad: bool = False,
 ) -> HeadLoss:
     """Distillation and/or cross entropy through linear heads, ``chunk_size`` positions at a time.
 
@@ -637,8 +647,17 @@ def linear_head_loss(
     ``teacher_topk`` (instead of ``teacher_hidden`` and ``teacher_weight``): a teacher stored as its top-k
     classes (`TopK`, one row per position of ``mask``, in row-major order, as `hf_kd.teacher_cache` saves
     them); the distillation term is then `topk_distillation_loss` (not ``mse``).
+
+    ``weight_grad_into_grad``: the backward pass adds the student weight's gradient to ``student_weight.grad``
+    itself (a leaf that requires grad) and hands autograd none. For a weight tied to an input embedding whose own
+    gradient is sparse (``nn.Embedding(sparse=True)``), autograd then adds that into ``.grad`` in place: one (V, D)
+    gradient in the step instead of two (autograd sums a dense and a sparse gradient of one leaf out of place).
+    Hooks on the weight tensor (``register_hook``) then see the other uses' gradient only.
     """
     _check_chunk(chunk_size)
+    if weight_grad_into_grad and not (student_weight.is_leaf and student_weight.requires_grad):
+        raise ValueError("weight_grad_into_grad=True needs the student's head weight itself (a leaf that requires "
+                         "grad), not a slice or a copy of it: pass the parameter, or leave the option off")
     _check_head_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, teacher_topk,
                      kd_weight, ce_weight, kind, temperature, jsd_beta)
     device = student_hidden.device
@@ -660,6 +679,7 @@ def linear_head_loss(
         _denominator(normalizer, kd_valid.sum(), device), _denominator(ce_normalizer, ce_valid.sum(), device),
         None if kd_weight is None else float(kd_weight), None if ce_weight is None else float(ce_weight),
         kind, float(temperature), float(jsd_beta), chunk_size, student_dtype, teacher_dtype, topk, topk_row,
+        weight_grad_into_grad,
     )
     if teacher_hidden is None:  # CE only, or a top-k teacher: a stand-in that is never read
         teacher_hidden, teacher_weight = student_hidden.detach(), student_weight.detach()

@@ -285,7 +285,7 @@ class DistillationTrainer(Trainer):
         s_tap, t_tap = self.head_route.taps(self._student(model), self.backend)
         captures = tuple(relations.QKVCapture(plan.minilm_modules[w]) for w in ("student", "teacher")) if plan.minilm else None
         s_cap, t_cap = captures or (contextlib.nullcontext(), contextlib.nullcontext())
-        with s_cap, s_tap or contextlib.nullcontext():
+        with s_cap, self.head_route.student_forward(s_tap, self._student(model), self.teacher_set.vocab.classes):
             s_out = model(**model_inputs, **extra)
         t_out = None
         if self.teacher is not None and plan.needs_teacher():  # the first teacher's q/k/v (several refuse MiniLM)

@@ -420,6 +420,33 @@ def test_a_tied_weight_gets_its_embedding_gradient_added_in_place():
     torch.testing.assert_close(ws.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_grad_into_grad_with_a_sparse_embedding_gives_autograds_gradient_in_one_tensor():
+    """`weight_grad_into_grad`: the head's gradient goes into .grad by the backward pass, the embedding's sparse
+    gradient is added into it in place (no out-of-place sum of two (V, D) tensors); twice accumulated, it equals
+    autograd's on the full logits, scaled like it. A slice of the weight is refused."""
+    from torch.profiler import profile
+
+    hs, ht, ws, _, wt, _, labels = _data(11)
+    ws.requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    mask = labels != -100
+    for _ in range(2):  # the second pass adds into an existing .grad
+        with profile(record_shapes=True) as prof:
+            h = hs + torch.nn.functional.embedding(ids, ws, sparse=True)
+            out = linear_head_loss(h, ws, ht, wt, mask, kind="jsd", chunk_size=5, weight_grad_into_grad=True)
+            (0.5 * out.loss).backward()
+        sums = [e for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == "aten::add" and e.input_shapes[:1] == [[V, D]] and len(e.input_shapes) == 3]
+        assert not sums and ws.grad.layout == torch.strided
+    ref = ws.detach().clone().requires_grad_()
+    for _ in range(2):
+        h = hs + torch.nn.functional.embedding(ids, ref)
+        (0.5 * logit_distillation_loss(h @ ref.T, ht @ wt.T, mask, kind="jsd")).backward()
+    torch.testing.assert_close(ws.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_grad_into_grad"):
+        linear_head_loss(hs, ws[:-1], ht, wt[:-1], mask, weight_grad_into_grad=True)
+
+
 def test_head_loss_refuses_a_second_backward_through_its_in_place_scaled_gradients():
     """The stored gradients are scaled in place and handed on by the first backward: a second one (retain_graph)
     is refused with a message rather than given twice-scaled gradients."""

@@ -8,6 +8,7 @@ is not a plain `nn.Linear`, when a model changes its logits after the head, or w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -19,6 +20,7 @@ from ..config import DistillationConfig
 from ..tasks import TOKEN_TASKS, shift_predictions
 from ..teacher_cache import cached_topk
 from .targets import Targets
+from .tied_embedding import sparse_embedding_grad, tied_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class HeadRoute:
         self.args, self.task, self.teacher, self.chunk = args, task, teacher, chunk
         self.teacher_runner, self.n_teachers = teacher_runner, n_teachers
         self.active: bool | None = None
+        self.into_grad = False  # this batch's tied head weight takes its gradient in .grad (`student_forward`)
 
     def taps(self, student, backend) -> tuple[HeadTap | None, HeadTap | None]:
         """Hooks on the student's and the teacher's output layers when the logit losses go through them.
@@ -103,6 +106,19 @@ class HeadRoute:
         t_tap = HeadTap(self.teacher.get_output_embeddings(), keep) if self.args.uses_teacher_logits else trim
         return s_tap, t_tap
 
+    def student_forward(self, s_tap, student, classes: int | None):
+        """The context of the student's forward pass: its head tap and, once the route is on, a tied embedding's
+        sparse gradient (`hf_kd.distill.tied_embedding`: one (V, D) gradient in the step, not two)."""
+        stack = contextlib.ExitStack()
+        if s_tap is None:
+            return stack
+        stack.enter_context(s_tap)
+        emb = tied_embedding(student) if self.active and torch.is_grad_enabled() else None
+        self.into_grad = emb is not None and (classes is None or classes >= emb.weight.shape[0])
+        if self.into_grad:
+            stack.enter_context(sparse_embedding_grad(emb))
+        return stack
+
     def _unused_teacher_head(self) -> HeadTap | None:
         """A tap that stops the teacher's head from making logits nobody reads (its hidden states still are)."""
         if self.task not in HEAD_TASKS or self.teacher_runner is not self.teacher:
@@ -129,6 +145,7 @@ class HeadRoute:
     def terms(self, heads, batch, targets: Targets, counts, temperature, alpha) -> tuple:
         """(weighted KD + CE, {"kd_loss", "ce_loss"}) from the hidden states entering the heads, chunked."""
         args, components = self.args, {}
+        into_grad, self.into_grad = self.into_grad, False
         s_tap, t_tap = heads
         hs, ht = s_tap.hidden, t_tap.hidden if t_tap is not None else None  # (B, T, D)
         if self.task == "causal_lm":  # position i predicts token i+1, as in `logit_targets`
@@ -152,6 +169,7 @@ class HeadRoute:
             kd_weight=kd_weight, ce_weight=ce_weight, kind=args.kd_loss, temperature=temperature,
             jsd_beta=args.jsd_beta, normalizer=counts["logit"], ce_normalizer=counts["label"], chunk_size=self.chunk,
             student_dtype=s_tap.dtype, teacher_dtype=t_tap.dtype if t_tap is not None else None,
+            weight_grad_into_grad=into_grad,
         )
         if out.kd is not None:
             components["kd_loss"] = out.kd
