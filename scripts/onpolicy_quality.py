@@ -42,7 +42,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import add_seed_arguments, run_seeds, seeds_of, summarize  # noqa: E402
+from protocol import add_seed_arguments, seeds_of, summarize  # noqa: E402
 
 TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATASET = "cornell-movie-review-data/rotten_tomatoes"
@@ -194,26 +194,38 @@ def warm_start(args, teacher, tokenizer):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE)
 
 
-def one_seed(seed: int) -> dict:
+LOADED = None  # per process: (tokenizer, teacher, train rows, held-out prompts, reference texts, the start student)
+COST = {"on_policy": 4, "mixed": 3, "dataset": 2, "labels": 1, "teacher": 0}  # longest jobs first
+
+
+def loaded(args):
+    global LOADED
+    if LOADED is None:
+        from hf_kd import student_from_teacher
+
+        tokenizer, teacher, train, held_prompts, reference = load(args)
+        start = warm_start(args, teacher, tokenizer) if args.warm_steps else student_from_teacher(teacher, args.layers)
+        LOADED = tokenizer, teacher, train, held_prompts, reference, start
+    return LOADED
+
+
+def one_job(job: tuple[int, str]) -> tuple[int, str, dict]:
+    """One arm of one seed (or, as arm "teacher", the teacher's own measures): (seed, arm, measures)."""
     import copy
 
-    from hf_kd import student_from_teacher
-
+    seed, arm = job
     args = ARGS
-    tokenizer, teacher, train, held_prompts, reference = load(args)
+    tokenizer, teacher, train, held_prompts, reference, start = loaded(args)
+    began = time.perf_counter()
+    if arm == "teacher":
+        return seed, arm, measure(args, seed, teacher, teacher, tokenizer, held_prompts, reference)
     torch.manual_seed(seed)
-    start = warm_start(args, teacher, tokenizer) if args.warm_steps else student_from_teacher(teacher, args.layers)
-    result = {"seed": seed}
-    for arm in args.arms:
-        began = time.perf_counter()
-        student = train_arm(arm, args, seed, copy.deepcopy(start), teacher, tokenizer, train,
-                            os.path.join(args.output, f"seed{seed}", arm))
-        result[arm] = {**measure(args, seed, student, teacher, tokenizer, held_prompts, reference),
-                       "seconds": time.perf_counter() - began}
-        print(f"[onpolicy_quality] seed {seed} {arm}: {json.dumps(result[arm])}", flush=True)
-    if seed == args.first_seed:
-        result["teacher"] = measure(args, seed, teacher, teacher, tokenizer, held_prompts, reference)
-    return result
+    student = train_arm(arm, args, seed, copy.deepcopy(start), teacher, tokenizer, train,
+                        os.path.join(args.output, f"seed{seed}", arm))
+    result = {**measure(args, seed, student, teacher, tokenizer, held_prompts, reference),
+              "seconds": time.perf_counter() - began}
+    print(f"[onpolicy_quality] seed {seed} {arm}: {json.dumps(result)}", flush=True)
+    return seed, arm, result
 
 
 def _init(args):
@@ -221,11 +233,33 @@ def _init(args):
     ARGS = args
 
 
-def seed_worker(payload):
-    args, seed = payload
+def job_worker(payload):
+    args, job = payload
     _init(args)
     torch.set_num_threads(_threads(args))  # a spawned process starts with every core
-    return one_seed(seed)
+    return one_job(job)
+
+
+def run_jobs(args, seeds: list[int]) -> list[dict]:
+    """Every (seed, arm) and the teacher's measures, longest first, over `--workers` processes (each keeps its
+    teacher, data and start student across its jobs); per seed: {"seed", arm: measures, ...}."""
+    jobs = sorted([(s, a) for s in seeds for a in args.arms] + [(seeds[0], "teacher")], key=lambda j: -COST[j[1]])
+    if args.workers > 1 and len(jobs) > 1:  # the options travel with each job (spawned processes start bare)
+        import multiprocessing
+
+        if args.warm_steps:  # the shared start (and the data's cache) first, on every core
+            torch.set_num_threads(os.cpu_count() or 1)
+            tokenizer, teacher, *_ = load(args)
+            warm_start(args, teacher, tokenizer)
+            del teacher
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            done = list(pool.imap_unordered(job_worker, [(args, j) for j in jobs], chunksize=1))
+    else:
+        done = [one_job(j) for j in jobs]
+    results = {s: {"seed": s} for s in seeds}
+    for seed, arm, measures in done:
+        results[seed][arm] = measures
+    return [results[s] for s in seeds]
 
 
 def main() -> int:
@@ -261,25 +295,10 @@ def main() -> int:
         pick_layers(args, args.pick_layers)
         return 0
     seeds, what = seeds_of(args)
-    args.first_seed = seeds[0]
     _init(args)
     torch.set_num_threads(_threads(args))
     began = time.perf_counter()
-    if args.workers > 1 and len(seeds) > 1:  # the options travel with each seed (spawned processes start bare)
-        import multiprocessing
-
-        if args.warm_steps:  # the shared start (and the data's cache) first, on every core, then every seed at once
-            torch.set_num_threads(os.cpu_count() or 1)
-            tokenizer, teacher, *_ = load(args)
-            warm_start(args, teacher, tokenizer)
-            del teacher
-            results, rest = [], seeds
-        else:  # the first seed alone fills the data's cache
-            results, rest = [one_seed(seeds[0])], seeds[1:]
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results += pool.map(seed_worker, [(args, s) for s in rest])
-    else:
-        results = run_seeds(one_seed, seeds, workers=1)
+    results = run_jobs(args, seeds)
     teacher = next(r["teacher"] for r in results if "teacher" in r)
     lines = [f"# On-policy distillation quality ({what}: {seeds}), {time.perf_counter() - began:.0f} s", "",
              f"steps {args.steps}, batch {args.batch}, lr {args.lr}, student layers {args.layers}, "
