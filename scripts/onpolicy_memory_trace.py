@@ -5,8 +5,8 @@
 
 Runs `bench.onpolicy_case` (the pair, prompts and settings of `scripts/bench.py --onpolicy`) for one warm-up and two
 timed steps on one thread, and prints the resident set (MiB) at the events of the last step: its start, the start and
-end of `loss.backward()`, the tied head/embedding weight's gradient hook (the summed vocabulary x width gradient
-exists then), the optimizer step and the step's end, and the step's highest resident set (sampled every 2 ms).
+end of `loss.backward()`, the tied head/embedding weight's gradient hook (after its summed vocabulary x width gradient
+is in .grad), the optimizer step and the step's end, and the step's highest resident set (sampled every 2 ms).
 scripts/bench.py reports the peak; this says when it is reached and by what (docs/generation.md reads it).
 """
 
@@ -55,7 +55,7 @@ def trace(name: str) -> None:
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             weight = model.get_input_embeddings().weight  # tied to the head in SmolLM2
-            weight.register_hook(lambda g: mark(f"weight gradient {tuple(g.shape)}"))
+            weight.register_post_accumulate_grad_hook(lambda p: mark(f"weight gradient {tuple(p.grad.shape)}"))
 
         def on_step_begin(self, args, state, control, **kwargs):
             step[0] = state.global_step
