@@ -3,7 +3,7 @@
 With the chunked head route (`hf_kd.distill.head_route`) the head loss computes the tied weight's (V, D) gradient
 itself. Autograd then makes a second (V, D) tensor: the embedding's dense gradient, which it adds to the first
 before the sum reaches ``.grad``. For SmolLM2-135M that is 108 MiB, for a 256k-token vocabulary at width 2304 over
-2 GiB, at the step's highest point. `TiedEmbeddingGrad` avoids it for one forward pass: the embedding makes a
+2 GiB, at the step's highest point. `sparse_embedding_grad` avoids it for one forward pass: the embedding makes a
 sparse gradient (the rows of this batch's tokens), and the head loss puts its dense gradient straight into
 ``.grad`` (`hf_kd.chunked.linear_head_loss`'s ``weight_grad_into_grad``), into which autograd adds the sparse one in
 place. The sum is the same gradient.
