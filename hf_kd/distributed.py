@@ -18,7 +18,9 @@ trainer paths need GPUs (accelerate runs neither on CPU processes).
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -164,6 +166,32 @@ def backend_problems(backend: Backend, accelerator, args, projections: int) -> l
 # ---------------------------------------------------------------------------- collectives
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+_END_AT_EXIT: list[bool] = []
+
+
+def _end_process_group() -> None:
+    if _initialized():
+        torch.distributed.destroy_process_group()
+    # The group itself outlives this (DDP's reducer holds it), and so do its worker threads. A worker that ran the
+    # last collective drops its work object after the caller has moved on, and dropping the work's tensors takes the
+    # GIL. If the interpreter is finalizing by then, the thread is ended inside C++ and the process aborts. Sleeping
+    # releases the GIL, so such a worker finishes now, while the interpreter is alive.
+    time.sleep(0.2)
+
+
+def end_process_group_at_exit() -> None:
+    """At interpreter exit, destroy the default process group and let gloo's workers finish what they hold.
+
+    accelerate creates the group and Trainer never ends it. Left to interpreter teardown, a gloo worker still holding
+    the last collective's tensors aborts a finished run ("terminate called without an active exception", exit code
+    -6; a third of two-process CPU launches here), so the launcher reports a failure. Registered once per process;
+    `atexit` runs before the interpreter finalizes.
+    """
+    if not _END_AT_EXIT:
+        _END_AT_EXIT.append(True)
+        atexit.register(_end_process_group)
 
 
 def gather_messages(message: str | None, world_size: int) -> list[str | None]:

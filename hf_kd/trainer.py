@@ -152,6 +152,8 @@ class DistillationTrainer(Trainer):
         """Trainer's accelerator, then the backend checks (still before anything is written to output_dir)."""
         super().create_accelerator_and_postprocess()
         self.backend = distributed.backend_of(self.accelerator)
+        if self.backend.world_size > 1:
+            distributed.end_process_group_at_exit()  # else gloo's threads may abort the process after the run
         problems = distributed.backend_problems(self.backend, self.accelerator, self.args, len(self.projections))
         problems += rollout.backend_problems(self.backend, self.args)
         if problems:  # the launcher's configuration, the same on every process: every process refuses

@@ -128,6 +128,7 @@ results["cli"] = {
     "projections_in_optimizer": {id(p) for p in t.projections.parameters()} <= in_optimizer,
     "projections": {k: v.tolist() for k, v in t.projections.state_dict().items()},
     "log_history": t.state.log_history,
+    "ends_group_at_exit": bool(kd.distributed._END_AT_EXIT),
 }
 results["written"] = sorted(written)
 dump()
@@ -332,6 +333,7 @@ def test_the_cpu_launcher_config_really_starts_two_processes(runs):
     assert sorted(c["process_index"] for c in cli) == [0, 1]
     assert all(c["world_size"] == 2 and c["distributed_type"] == "MULTI_CPU" and c["backend"] == "ddp" for c in cli)
     assert all(c["student_wrapper"] == "DistributedDataParallel" for c in cli)
+    assert all(c["ends_group_at_exit"] for c in cli)  # test_a_finished_two_process_run_exits_cleanly: why
     provenance = json.loads((runs.two / "hf_kd_provenance.json").read_text())
     assert provenance["training"]["world_size"] == 2
     state = json.loads((runs.two / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
@@ -598,3 +600,39 @@ def test_two_processes_fine_tune_and_cache_the_teacher_once(tmp_path):
     assert not [p for p in (cache / "teachers").iterdir() if p.name.startswith(".")]  # no leftover work folders
     assert launched.stdout.count("[hf-kd] report:") == 1
     assert json.loads((out / "results.json").read_text())["distilled"]["steps"] == 1  # 64 rows / (2 x 32)
+
+
+EXIT_DRIVER = r'''
+import os
+import torch
+import torch.distributed as dist
+from hf_kd.distributed import end_process_group_at_exit
+
+dist.init_process_group("gloo")
+if os.environ["KD_HOOK"] == "1":
+    end_process_group_at_exit()  # what DistillationTrainer calls when world_size > 1
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}", flush=True)
+flag = torch.ones(1)
+for _ in range(20):  # then exit right after a collective, as a run does after its last logging step
+    dist.all_reduce(flag)
+    dist.broadcast(flag, 0)
+'''
+
+
+@pytest.mark.slow
+def test_a_finished_two_process_run_exits_cleanly(tmp_path):
+    """accelerate creates the process group and Trainer never ends it. At interpreter exit, a gloo worker that still
+    holds the last collective's tensors takes the GIL while the interpreter finalizes, and the process aborts
+    ("terminate called without an active exception", exit code -6; 14 of 20 launches of this driver without the
+    hook, and it failed a CI run of the distributed tests). `end_process_group_at_exit`, which the trainer calls
+    (the launched CLI run above records it), prevents it: three launches in a row all exit 0."""
+    (tmp_path / "driver.py").write_text(EXIT_DRIVER)
+    (tmp_path / "results").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KD_HOOK": os.environ.get("KD_HOOK", "1"),
+           "KD_RESULTS": str(tmp_path / "results")}
+    for attempt in range(3):
+        launched = _launch(["--config_file", str(ROOT / "recipes/accelerate/multi_cpu.yml"),
+                            str(tmp_path / "driver.py")], env, timeout=120)
+        assert "terminate called" not in launched.stdout, (attempt, launched.stdout[-3000:])
+        assert launched.returncode == 0, (attempt, launched.stdout[-3000:])
+        assert "rank 0 of 2" in launched.stdout and "rank 1 of 2" in launched.stdout

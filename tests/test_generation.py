@@ -697,8 +697,6 @@ prompts = [ids[m.bool()].tolist() for ids_, mask in calls for ids, m in zip(ids_
 torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out, f"{os.environ['KD_TAG']}{rank}.pt"))
 with open(os.path.join(out, f"{os.environ['KD_TAG']}{rank}.json"), "w") as f:
     json.dump({"calls": len(calls), "prompts": prompts, "world": t.args.world_size}, f)
-if torch.distributed.is_initialized():  # gloo's threads stop before the interpreter does (else: abort at exit)
-    torch.distributed.destroy_process_group()
 '''
 
 
