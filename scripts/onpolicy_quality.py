@@ -139,8 +139,9 @@ def measure(args, seed, student, teacher, tokenizer, held_prompts, reference) ->
     rollout = Rollout(cfg, "causal_lm", tokenizer, student)
     collate = PromptCollator(tokenizer, max_prompt_length=32)
     device = next(student.parameters()).device
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(held_prompts[i: i + 8]).items()}
-               for i in range(0, len(held_prompts), 8)]
+    size = args.eval_batch
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(held_prompts[i: i + size]).items()}
+               for i in range(0, len(held_prompts), size)]
     metrics, _ = evaluate_generation(rollout, "causal_lm", student.eval(), teacher, batches, tokenizer,
                                      teacher_completions=TEACHER_GREEDY)
     metrics["perplexity"] = perplexity(student, reference, pad_id=_pad_id(tokenizer))["perplexity"]
@@ -270,7 +271,7 @@ def main() -> int:
     add_seed_arguments(parser)
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS,
                         help="teacher layers kept (1-based)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=85)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warm_steps", type=int, default=150,
                         help="start every arm from the student distilled this many steps on other rows (warm_start)")
@@ -285,6 +286,7 @@ def main() -> int:
     parser.add_argument("--prompt_words", type=int, default=8)
     parser.add_argument("--train_rows", type=int, default=400)
     parser.add_argument("--eval_prompts", type=int, default=100)
+    parser.add_argument("--eval_batch", type=int, default=50, help="held-out prompts generated for at once")
     parser.add_argument("--eval_texts", type=int, default=48, help="held-out reference texts for the perplexity")
     parser.add_argument("--kd_loss", default="reverse_kl", help="of the mixed and on-policy arms")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
