@@ -172,8 +172,9 @@ _END_AT_EXIT: list[bool] = []
 
 
 def _end_process_group() -> None:
-    if _initialized():
-        torch.distributed.destroy_process_group()
+    if not _initialized():  # ended by the user's code, or never formed
+        return
+    torch.distributed.destroy_process_group()
     # The group itself outlives this (DDP's reducer holds it), and so do its worker threads. A worker that ran the
     # last collective drops its work object after the caller has moved on, and dropping the work's tensors takes the
     # GIL. If the interpreter is finalizing by then, the thread is ended inside C++ and the process aborts. Sleeping

@@ -63,6 +63,8 @@ class DistillationTrainer(Trainer):
         model_init = kwargs.pop("model_init", None)
         self.students = search_support.Students(model_init)  # with model_init, the checks run on its first student
         model = model if model_init is None else self.students.first
+        if args.world_size > 1:  # reading it formed the process group: end it at exit (else gloo may abort then)
+            distributed.end_process_group_at_exit()
         checks.check_launch(args.world_size)  # everything is checked before Trainer.__init__ creates output_dir
         sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
         failure = None
@@ -152,8 +154,6 @@ class DistillationTrainer(Trainer):
         """Trainer's accelerator, then the backend checks (still before anything is written to output_dir)."""
         super().create_accelerator_and_postprocess()
         self.backend = distributed.backend_of(self.accelerator)
-        if self.backend.world_size > 1:
-            distributed.end_process_group_at_exit()  # else gloo's threads may abort the process after the run
         problems = distributed.backend_problems(self.backend, self.accelerator, self.args, len(self.projections))
         problems += rollout.backend_problems(self.backend, self.args)
         if problems:  # the launcher's configuration, the same on every process: every process refuses
