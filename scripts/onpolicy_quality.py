@@ -1,6 +1,7 @@
 """Does distilling on the student's own completions help? SmolLM2-135M-Instruct into a few of its layers.
 
     python scripts/onpolicy_quality.py                         # the reporting seeds (scripts/protocol.py)
+    python scripts/onpolicy_quality.py --seeds 105 106 107 108 109   # the seeds the defaults were reported on
     python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
     python scripts/onpolicy_quality.py --seeds 0 --steps 2 --warm_steps 2 --eval_prompts 4   # a smoke run
     python scripts/onpolicy_quality.py --pick_layers 15        # which 15 layers keep the perplexity lowest
@@ -20,7 +21,7 @@ initialisation and data order per seed, for the same number of optimizer steps:
 Measured on held-out test-split prompts: the teacher's negative log-likelihood per token of each student's
 greedy completions (hf_kd.distill.generation_eval, lower is better), and the held-out perplexity of the reference
 review texts. The claim: paired differences over the seeds with their 95% intervals (scripts/protocol.py).
-With the defaults and the five reporting seeds the run took 23.8 minutes on 2 CPU cores, warm start included:
+With the defaults and five seeds (105-109) the run took 26.3 minutes on 2 CPU cores, warm start included:
 every (seed, arm) is a job, `--workers` processes take them (docs/generation.md has the results). Where CUDA is
 available the models run on the GPU, in fp32 as on the CPU, for the larger settings (`--steps`, `--batch`) the
 CPU cannot afford (not yet run on one).
