@@ -1,7 +1,7 @@
 """Does distilling on the student's own completions help? SmolLM2-135M-Instruct into a few of its layers.
 
     python scripts/onpolicy_quality.py                         # the reporting seeds (scripts/protocol.py)
-    python scripts/onpolicy_quality.py --seeds 105 106 107 108 109   # the seeds the defaults were reported on
+    python scripts/onpolicy_quality.py --seeds 110 111 112 113 114   # the seeds the defaults were reported on
     python scripts/onpolicy_quality.py --phase choose          # the choosing seeds, for tuning
     python scripts/onpolicy_quality.py --seeds 0 --steps 2 --warm_steps 2 --eval_prompts 4   # a smoke run
     python scripts/onpolicy_quality.py --pick_layers 15        # which 15 layers keep the perplexity lowest
@@ -21,7 +21,7 @@ initialisation and data order per seed, for the same number of optimizer steps:
 Measured on held-out test-split prompts: the teacher's negative log-likelihood per token of each student's
 greedy completions (hf_kd.distill.generation_eval, lower is better), and the held-out perplexity of the reference
 review texts. The claim: paired differences over the seeds with their 95% intervals (scripts/protocol.py).
-With the defaults and five seeds (105-109) the run took 26.3 minutes on 2 CPU cores, warm start included:
+With the defaults and five seeds (110-114) the run took 25.5 minutes on 2 CPU cores, warm start included:
 every (seed, arm) is a job, `--workers` processes take them (docs/generation.md has the results). Where CUDA is
 available the models run on the GPU, in fp32 as on the CPU, for the larger settings (`--steps`, `--batch`) the
 CPU cannot afford (not yet run on one).
@@ -272,13 +272,13 @@ def main() -> int:
     add_seed_arguments(parser)
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS,
                         help="teacher layers kept (1-based)")
-    parser.add_argument("--steps", type=int, default=85)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warm_steps", type=int, default=150,
                         help="start every arm from the student distilled this many steps on other rows (warm_start)")
     parser.add_argument("--warm_lr", type=float, default=1e-4)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--new_tokens", type=int, default=12, help="max_new_tokens of training and evaluation")
+    parser.add_argument("--new_tokens", type=int, default=24, help="max_new_tokens of training and evaluation")
     parser.add_argument("--sample_temperature", type=float, default=0.25,
                         help="sampling temperature of the generating arms' completions (evaluation is greedy)")
     parser.add_argument("--cap_completions", action="store_true",
